@@ -1,0 +1,94 @@
+"""The zoo equals the reference: parameter counts, BN statistics, feature shapes (all 22 models)."""
+
+import json
+import pathlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ekd_jax import models
+
+REF = json.loads((pathlib.Path(__file__).parent / "fixtures" / "zoo_cifar100.json").read_text())["models"]
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _abstract(name, hw=32, channels=3, num_classes=100):
+    model = models.create_model(name, num_classes=num_classes)
+    x = jax.ShapeDtypeStruct((2, hw, hw, channels), jnp.float32)
+    variables = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0), x)
+    return model, variables, x
+
+
+def test_available_models_are_the_reference_keys():
+    assert sorted(models.available_models()) == sorted(REF)
+
+
+@pytest.mark.parametrize("name", sorted(REF))
+def test_counts_and_feature_shapes_match_reference(name):
+    ref = REF[name]
+    model, variables, x = _abstract(name)
+    assert set(variables) == {"params", "batch_stats"}
+    assert _count(variables["params"]) == ref["trainable_params"]
+    assert _count(variables["batch_stats"]) == ref["bn_running_stats"]
+    for preact, key in ((False, "is_feat_shapes_CHW"), (True, "is_feat_preact_shapes_CHW")):
+        logits, feats = jax.eval_shape(
+            lambda v, x: model.apply(v, x, train=False, preact=preact), variables, x
+        )
+        assert logits.shape == (2, 100)
+        want = [tuple([2] + (s[1:] + s[:1] if len(s) == 3 else s)) for s in ref[key]]
+        assert [f.shape for f in feats] == want, (name, preact)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2"])
+@pytest.mark.parametrize("hw", [16, 64])
+def test_other_resolutions_and_grayscale(name, hw):
+    model, variables, x = _abstract(name, hw=hw, channels=1, num_classes=10)
+    logits, feats = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    assert logits.shape == (2, 10)
+    assert feats[-1].ndim == 2
+
+
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "ShuffleV2"])
+def test_forward_train_and_eval_and_bn_updates(name):
+    model = models.create_model(name, num_classes=10)
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    # Eval mode: no batch-stat update requested, outputs finite.
+    logits, feats = model.apply(variables, x, train=False)
+    chex.assert_shape(logits, (4, 10))
+    chex.assert_tree_all_finite((logits, feats))
+    # Eval mode with mutable batch_stats: statistics unchanged.
+    (_, _), upd = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    chex.assert_trees_all_equal(upd["batch_stats"], variables["batch_stats"])
+    # Train mode: every running statistic moves.
+    (logits_t, _), upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    chex.assert_tree_all_finite(logits_t)
+    changed = jax.tree_util.tree_map(
+        lambda a, b: bool(jnp.any(a != b)), upd["batch_stats"], variables["batch_stats"]
+    )
+    assert all(jax.tree_util.tree_leaves(changed))
+
+
+def test_batchnorm_running_var_is_unbiased_like_pytorch():
+    bn = models.common.BatchNorm()
+    x = jax.random.normal(jax.random.key(0), (3, 2, 2, 5)) * 3.0 + 1.0
+    v = bn.init(jax.random.key(0), x, train=True)
+    y, upd = bn.apply(v, x, train=True, mutable=["batch_stats"])
+    xf = np.asarray(x).reshape(-1, 5)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * xf.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * xf.var(0, ddof=1), rtol=1e-5)
+    # Normalisation itself uses the biased variance.
+    np.testing.assert_allclose(
+        np.asarray(y).reshape(-1, 5), (xf - xf.mean(0)) / np.sqrt(xf.var(0) + 1e-5), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_unknown_model_lists_available():
+    with pytest.raises(ValueError, match="unknown model 'resnet21'.*Available models: .*resnet20"):
+        models.create_model("resnet21", num_classes=10)
