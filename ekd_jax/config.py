@@ -1,0 +1,60 @@
+"""The config schema: every experiment config starts from :func:`base_config` and overrides it.
+
+Names here are a public contract (configs, command-line overrides, other tools use them).
+Where a value is our reading of the paper rather than the paper's, METHOD.md and README say so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from ekd_jax import data
+from ekd_jax.methods import LossConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.method = "ekd"  # vanilla | teacher | kd | fitnet | at | dml | ekd
+
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.model = "resnet32"
+    c.teacher.checkpoint = ""  # workdir of a finished run whose teacher/ an offline method loads
+    c.student = ml_collections.ConfigDict()
+    c.student.model = "resnet8"
+
+    c.data = data.default_config()
+
+    c.batch_size = 64
+    c.eval_batch_size = 256
+    c.num_epochs = 240
+
+    # Reference recipe (RepDistiller): SGD momentum 0.9, wd 5e-4, lr 0.05, x0.1 at 62.5/75/87.5%.
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 0.05
+    c.optimizer.momentum = 0.9
+    c.optimizer.nesterov = False
+    c.optimizer.weight_decay = 5e-4
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "multistep"  # multistep | cosine | constant
+    c.schedule.milestones = (0.625, 0.75, 0.875)  # fractions of training
+    c.schedule.decay_factor = 0.1
+    c.schedule.warmup_epochs = 0.0
+
+    # Loss weights and switches (methods.LossConfig documents each field).
+    c.loss = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
+
+    c.guided = ml_collections.ConfigDict()
+    c.guided.type = "adapter"  # adapter | aux_head
+    c.guided.stages = ()  # stage-pair indices used by ekd / at; empty = all pairs
+    c.guided.hint_stage = 1  # fitnet: the stage pair of the hint (RepDistiller hint_layer=2 = stage 2)
+
+    c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and optimizer stay float32)
+
+    c.eval_every_epochs = 1
+    c.log_every_steps = 100
+    c.checkpoint_keep = 2  # latest N kept, plus the best by student top-1
+    c.async_checkpoint = True
+    return c

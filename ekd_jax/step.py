@@ -1,0 +1,282 @@
+"""The joint state, the ONE jitted train step that updates every trainable group, and the eval step.
+
+Pure functions over a :class:`JointState` pytree. The step takes the raw uint8 batch: augmentation,
+normalisation and the student's low-resolution view all happen on device inside the same jit,
+keyed by (seed, step) so any step is reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from ekd_jax import losses, parallel
+from ekd_jax.guided import GuidedModules, select_pairs
+from ekd_jax.methods import LossConfig, Method, Outputs, get_method, total_loss
+from ekd_jax.models import STAGE_SLICE, create_model
+
+GROUPS = ("teacher", "student", "guide")
+# views(images_uint8, key, train) -> (teacher_x, student_x), jit-traceable.
+ViewFn = Callable[[jax.Array, jax.Array | None, bool], tuple[jax.Array, jax.Array]]
+
+
+@flax.struct.dataclass
+class JointState:
+    """Everything that changes during training, as one pytree (checkpointed whole)."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict[str, Any]  # {'teacher', 'student', 'guide'}
+    batch_stats: dict[str, Any]  # same groups
+    opt_state: optax.OptState  # one optax state, a transform per group
+    rng: jax.Array  # uint32 key data; batch keys are fold_in(rng, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    """The static part of a run: modules, method, stage pairing, loss settings, views."""
+
+    method: Method
+    teacher: nn.Module
+    student: nn.Module
+    guides: GuidedModules | None
+    pairs: tuple[tuple[int, int], ...]  # (student_stage, teacher_stage) used by guides / AT
+    loss_cfg: LossConfig
+    views: ViewFn
+    total_steps: int
+    teacher_input_shape: tuple[int, int, int]
+    student_input_shape: tuple[int, int, int]
+
+    @property
+    def trainable(self) -> dict[str, bool]:
+        m = self.method
+        return {"teacher": m.teacher_trainable, "student": m.runs_student, "guide": self.guides is not None}
+
+
+def _feature_shapes(model, input_shape, dtype=jnp.float32):
+    x = jax.ShapeDtypeStruct((2, *input_shape), dtype)
+    variables = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0), x)
+    _, feats = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    return [tuple(f.shape[1:]) for f in feats]
+
+
+def build_networks(
+    config,
+    num_classes: int,
+    teacher_input_shape,
+    student_input_shape,
+    views: ViewFn,
+    total_steps: int,
+) -> Networks:
+    """Validates the method/model/stage choices and builds the modules (nothing compiled yet)."""
+    method = get_method(config.method)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
+    if dtype is None:
+        raise ValueError(f"unknown dtype {config.dtype!r}; use 'float32' or 'bfloat16'")
+    if method.needs_teacher_checkpoint and not config.teacher.checkpoint:
+        raise ValueError(
+            f"method {method.name!r} distils from a frozen, trained teacher: set "
+            f"--config.teacher.checkpoint=<workdir of a finished 'teacher' run>"
+        )
+    teacher = create_model(config.teacher.model, num_classes, dtype=dtype)
+    student = create_model(config.student.model, num_classes, dtype=dtype)
+    t_stages = _feature_shapes(teacher, teacher_input_shape)[STAGE_SLICE]
+    s_stages = _feature_shapes(student, student_input_shape)[STAGE_SLICE]
+    loss_cfg = LossConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.loss.items()})
+    for name, value, valid in (
+        ("loss.feature_reduction", loss_cfg.feature_reduction, ("mean", "sum")),
+        ("loss.ramp_shape", loss_cfg.ramp_shape, ("linear", "sigmoid")),
+        ("loss.transfer_mask", loss_cfg.transfer_mask, ("none", "teacher_correct")),
+    ):
+        if value not in valid:
+            raise ValueError(f"{name}={value!r} is not valid; use one of {valid}")
+
+    guides, pairs = None, ()
+    if method.guide == "config" or method.name == "at":
+        pairs = tuple(select_pairs(len(s_stages), len(t_stages), tuple(config.guided.stages)))
+    if method.guide == "adapter_hint":
+        hint = config.guided.hint_stage
+        pairs = tuple(select_pairs(len(s_stages), len(t_stages), (hint,)))
+    if method.guide is not None:
+        kind = "adapter" if method.guide == "adapter_hint" else config.guided.type
+        if method.guide == "config" and loss_cfg.stage_weights and len(loss_cfg.stage_weights) != len(pairs):
+            raise ValueError(
+                f"loss.stage_weights has {len(loss_cfg.stage_weights)} entries but {len(pairs)} stage "
+                f"pairs are used ({list(pairs)}); give one weight per pair"
+            )
+        guides = GuidedModules(
+            kind=kind,
+            teacher_shapes=tuple(t_stages[t] for _, t in pairs),
+            num_classes=num_classes,
+            dtype=dtype,
+        )
+    return Networks(
+        method=method,
+        teacher=teacher,
+        student=student,
+        guides=guides,
+        pairs=pairs,
+        loss_cfg=loss_cfg,
+        views=views,
+        total_steps=int(total_steps),
+        teacher_input_shape=tuple(teacher_input_shape),
+        student_input_shape=tuple(student_input_shape),
+    )
+
+
+def make_optimizer(
+    nets: Networks, learning_rate: optax.Schedule, momentum: float, weight_decay: float, nesterov: bool = False
+) -> optax.GradientTransformation:
+    """SGD with coupled weight decay (PyTorch style) for trainable groups; frozen groups get none."""
+    sgd = optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
+    )
+    trainable = nets.trainable
+
+    def labels(params):
+        return {
+            g: jax.tree_util.tree_map(lambda _: "train" if trainable[g] else "frozen", params[g])
+            for g in params
+        }
+
+    return optax.multi_transform({"train": sgd, "frozen": optax.set_to_zero()}, labels)
+
+
+def init_state(nets: Networks, tx: optax.GradientTransformation, seed: int, mesh=None) -> JointState:
+    """Initialises all groups in one jit (fast, and replicated over the mesh)."""
+    mesh = mesh or parallel.make_mesh()
+
+    def init(key):
+        kt, ks, kg = jax.random.split(key, 3)
+        xt = jnp.zeros((2, *nets.teacher_input_shape), jnp.float32)
+        xs = jnp.zeros((2, *nets.student_input_shape), jnp.float32)
+        tv = nets.teacher.init(kt, xt, train=False)
+        sv = nets.student.init(ks, xs, train=False)
+        gv = {"params": {}, "batch_stats": {}}
+        if nets.guides is not None:
+            _, tf = nets.teacher.apply(tv, xt, train=False)
+            _, sf = nets.student.apply(sv, xs, train=False)
+            smaps, tmaps = _paired_maps(nets, sf, tf)
+            gv = nets.guides.init(kg, smaps, tmaps, train=False)
+            gv = {"params": gv.get("params", {}), "batch_stats": gv.get("batch_stats", {})}
+        params = {"teacher": tv["params"], "student": sv["params"], "guide": gv["params"]}
+        stats = {"teacher": tv["batch_stats"], "student": sv["batch_stats"], "guide": gv["batch_stats"]}
+        return JointState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=stats,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(seed)),
+        )
+
+    return jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(seed))
+
+
+def _paired_maps(nets: Networks, student_feats, teacher_feats):
+    s = student_feats[STAGE_SLICE]
+    t = teacher_feats[STAGE_SLICE]
+    return tuple(s[i] for i, _ in nets.pairs), tuple(t[j] for _, j in nets.pairs)
+
+
+def _run(model, params, stats, x, train: bool):
+    """Applies a zoo model; returns (logits, features, new_stats)."""
+    if train:
+        (logits, feats), upd = model.apply(
+            {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+        )
+        return logits, feats, upd["batch_stats"]
+    logits, feats = model.apply({"params": params, "batch_stats": stats}, x, train=False)
+    return logits, feats, stats
+
+
+def forward(nets: Networks, params, batch_stats, images, labels, key, train: bool):
+    """Runs what the method needs; returns (Outputs, new batch_stats)."""
+    m = nets.method
+    xt, xs = nets.views(images, key, train)
+    new_stats = dict(batch_stats)
+    o = {"labels": labels}
+    tfeats = sfeats = None
+    if m.runs_teacher:
+        # Frozen teachers run in inference mode: no BN update, no gradient.
+        t_train = train and m.teacher_trainable
+        tp = params["teacher"] if m.teacher_trainable else jax.lax.stop_gradient(params["teacher"])
+        zt, tfeats, new_stats["teacher"] = _run(nets.teacher, tp, batch_stats["teacher"], xt, t_train)
+        o["teacher_logits"] = zt
+    if m.runs_student:
+        zs, sfeats, new_stats["student"] = _run(nets.student, params["student"], batch_stats["student"], xs, train)
+        o["student_logits"] = zs
+    if nets.pairs and tfeats is not None and sfeats is not None:
+        smaps, tmaps = _paired_maps(nets, sfeats, tfeats)
+        o["student_stages"], o["teacher_stages"] = smaps, tmaps
+        if nets.guides is not None:
+            gvars = {"params": params["guide"], "batch_stats": batch_stats["guide"]}
+            if train:
+                o["guide"], upd = nets.guides.apply(gvars, smaps, tmaps, train=True, mutable=["batch_stats"])
+                new_stats["guide"] = upd["batch_stats"]
+            else:
+                o["guide"] = nets.guides.apply(gvars, smaps, tmaps, train=False)
+    return Outputs(**o), new_stats
+
+
+def loss_terms(nets: Networks, params, batch_stats, batch, step):
+    """The method's named loss terms on a training batch; returns (terms, (outputs, new_stats))."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(batch["rng"]), step)
+    outputs, new_stats = forward(nets, params, batch_stats, batch["image"], batch["label"], key, train=True)
+    progress = step.astype(jnp.float32) / max(nets.total_steps, 1)
+    return nets.method.loss(outputs, nets.loss_cfg, progress), (outputs, new_stats)
+
+
+def _train_step(nets: Networks, tx: optax.GradientTransformation, state: JointState, batch):
+    def loss_fn(params):
+        terms, aux = loss_terms(nets, params, state.batch_stats, {**batch, "rng": state.rng}, state.step)
+        return total_loss(terms), (terms, aux)
+
+    (loss, (terms, (outputs, new_stats))), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    # Frozen groups are carried over untouched (bitwise), not "updated by zero".
+    params = {
+        g: optax.apply_updates(state.params[g], updates[g]) if nets.trainable[g] else state.params[g]
+        for g in state.params
+    }
+    metrics = {"loss": loss, **terms}
+    if outputs.teacher_logits is not None:
+        metrics["teacher/train_top1"] = jnp.mean(losses.topk_correct(outputs.teacher_logits, batch["label"], 1))
+    if outputs.student_logits is not None:
+        metrics["student/train_top1"] = jnp.mean(losses.topk_correct(outputs.student_logits, batch["label"], 1))
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+    return new_state, metrics
+
+
+def _eval_step(nets: Networks, state: JointState, batch):
+    """Sums over the (masked) batch: correct top-1/top-5 and CE for teacher and student."""
+    outputs, _ = forward(nets, state.params, state.batch_stats, batch["image"], batch["label"], None, train=False)
+    mask = batch["mask"].astype(jnp.float32)
+    sums = {"count": jnp.sum(mask)}
+    for who, logits in (("teacher", outputs.teacher_logits), ("student", outputs.student_logits)):
+        if logits is None:
+            continue
+        y = batch["label"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+        sums[f"{who}/top1"] = jnp.sum(losses.topk_correct(logits, y, 1) * mask)
+        sums[f"{who}/top5"] = jnp.sum(losses.topk_correct(logits, y, 5) * mask)
+        sums[f"{who}/loss"] = jnp.sum(ce * mask)
+    return sums
+
+
+def compile_steps(nets: Networks, tx: optax.GradientTransformation, mesh):
+    """The jitted train step (state donated) and eval step over ``mesh``: batch sharded, state replicated."""
+    rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    train_step = jax.jit(
+        lambda state, batch: _train_step(nets, tx, state, batch),
+        in_shardings=(rep, bat),
+        out_shardings=(rep, rep),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(lambda state, batch: _eval_step(nets, state, batch), in_shardings=(rep, bat), out_shardings=rep)
+    return train_step, eval_step
