@@ -382,7 +382,7 @@ def _validate_arrays(x_train, y_train, x_test, y_test):
     if out[0].shape[1:] != out[2].shape[1:]:
         raise ValueError(
             f"Train images are {out[0].shape[1:]} but test images are {out[2].shape[1:]} "
-            "(H, W, C); they must agree (resize one split, or set data.image_size)."
+            "(H, W, C); they must agree: save both splits at one size and channel count."
         )
     return tuple(out)
 
@@ -503,7 +503,9 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return _cached_permutation(int(n), int(seed), int(epoch))
 
 
-def train_batch(ds: Dataset, batch_size: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+def train_batch(
+    ds: Dataset, batch_size: int, seed: int, step: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The uint8 images and int32 labels of global ``step``; depends only on (seed, step)."""
     epoch, i = divmod(step, steps_per_epoch(ds.train_size, batch_size))
     idx = epoch_permutation(ds.train_size, seed, epoch)[i * batch_size : (i + 1) * batch_size]

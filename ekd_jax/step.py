@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from ekd_jax import losses, parallel
-from ekd_jax.guided import GuidedModules, select_pairs
+from ekd_jax.guided import GUIDE_KINDS, GuidedModules, select_pairs
 from ekd_jax.methods import LossConfig, Method, Outputs, get_method, total_loss
 from ekd_jax.models import STAGE_SLICE, create_model
 
@@ -104,6 +104,8 @@ def build_networks(
         pairs = tuple(select_pairs(len(s_stages), len(t_stages), (hint,)))
     if method.guide is not None:
         kind = "adapter" if method.guide == "adapter_hint" else config.guided.type
+        if kind not in GUIDE_KINDS:
+            raise ValueError(f"unknown guided module kind guided.type={kind!r}; use one of {GUIDE_KINDS}")
         if method.guide == "config" and loss_cfg.stage_weights and len(loss_cfg.stage_weights) != len(pairs):
             raise ValueError(
                 f"loss.stage_weights has {len(loss_cfg.stage_weights)} entries but {len(pairs)} stage "

@@ -93,13 +93,10 @@ class TorchDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         fan_in = x.shape[-1]
-        return nn.Dense(
-            self.features,
-            kernel_init=self.kernel_init or torch_default_kernel,
-            bias_init=self.bias_init or torch_default_bias(fan_in),
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-        )(x)
+        kernel = self.param("kernel", self.kernel_init or torch_default_kernel, (fan_in, self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init or torch_default_bias(fan_in), (self.features,), jnp.float32)
+        dtype = self.dtype or x.dtype
+        return jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
 
 
 def conv(

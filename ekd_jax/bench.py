@@ -1,0 +1,300 @@
+"""Times the compiled joint train step on synthetic data: ``python -m ekd_jax.bench --config <cfg>``.
+
+  python -m ekd_jax.bench --config configs/cifar.py:cifar100,resnet56-resnet20
+  python -m ekd_jax.bench --config configs/cifar.py:cifar100,resnet32x4-resnet8x4 --config.batch_size=128 \
+      --out /tmp/bench.json --peak_gflops 150
+
+Builds the configured teacher, student and method exactly as the trainer does (``step.build_networks``,
+``make_optimizer``, ``init_state``, ``compile_steps``) but never loads the dataset: the step is fed
+device-resident uint8 batches of the configured image shape and class count (``--num_classes``,
+``--image_size``, ``--channels``; defaults follow ``data.source``). Offline methods (kd, fitnet, at)
+get a randomly initialised frozen teacher, which times the same. Reports compile seconds
+(lower + compile), the median ms/step and images/s over the timed chunks, XLA's FLOP count of one
+step and the achieved GFLOP/s (and the fraction of ``--peak_gflops``), plus the same for the
+student trained alone (method vanilla). Prints one JSON object; ``--out FILE`` also writes it.
+Bad input ends with one line ``error: ...`` and exit status 2. docs/performance.md has the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import ekd_jax  # noqa: F401  (applies the XLA CPU defaults before jax starts)
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).", lock_config=True)
+flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
+flags.DEFINE_float("peak_gflops", None, "The device's peak GFLOP/s; adds the achieved fraction of it.")
+flags.DEFINE_integer("num_classes", None, "Classes of the synthetic data (default: from data.source, else 100).")
+flags.DEFINE_integer("image_size", None, "Height = width of the synthetic images (default: data.image_size, else 32).")
+flags.DEFINE_integer("channels", None, "Channels of the synthetic images (default: 1 for digits, else 3).")
+flags.DEFINE_integer("chunks", 5, "Timed chunks (at least 5); the reported step time is their median.")
+flags.DEFINE_integer("steps_per_chunk", 0, "Steps per timed chunk; 0 = enough for about --chunk_seconds.")
+flags.DEFINE_float("chunk_seconds", 2.0, "Target length of a timed chunk when --steps_per_chunk=0.")
+flags.DEFINE_integer("warmup_steps", 2, "Untimed steps after compiling.")
+flags.DEFINE_bool("student_alone", True, "Also time the student trained alone (method vanilla).")
+
+# Dataset sources whose class count / image shape are known without loading them.
+_KNOWN_SOURCES = {
+    "digits": (10, 8, 1),
+    "tfds:cifar10": (10, 32, 3),
+    "tfds:cifar100": (100, 32, 3),
+    "tfds:mnist": (10, 28, 1),
+    "tfds:fashion_mnist": (10, 28, 1),
+}
+_FALLBACK = (100, 32, 3)
+SYNTHETIC_BATCHES = 4  # distinct device batches cycled through (so no step reuses its input's buffer)
+DUMMY_TEACHER_CHECKPOINT = "<bench: randomly initialised frozen teacher>"
+
+
+class BenchError(ValueError):
+    """Bad bench input (reported as ``error: ...``, exit status 2)."""
+
+
+def data_shape(config, num_classes: int | None = None, image_size: int | None = None, channels: int | None = None):
+    """(num_classes, (H, W, C)) of the synthetic data: explicit values, else from data.source."""
+    known = _KNOWN_SOURCES.get(config.data.source, _FALLBACK)
+    n = num_classes if num_classes is not None else known[0]
+    size = image_size if image_size is not None else (config.data.image_size or known[1])
+    c = channels if channels is not None else known[2]
+    for name, v in (("num_classes", n), ("image_size", size), ("channels", c)):
+        if not isinstance(v, int) or v < 1:
+            raise BenchError(f"--{name} must be a positive int, got {v!r}")
+    return n, (size, size, c)
+
+
+def _with_method(config, method: str):
+    """A config copy with ``method`` set; offline methods get a dummy teacher checkpoint."""
+    from ekd_jax.methods import get_method
+
+    cfg = config.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.method = method
+        if get_method(method).needs_teacher_checkpoint and not cfg.teacher.checkpoint:
+            cfg.teacher.checkpoint = DUMMY_TEACHER_CHECKPOINT
+    return cfg
+
+
+def _flops(compiled) -> float | None:
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001  (not every backend implements it)
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    if not ca or "flops" not in ca:
+        return None
+    return float(ca["flops"])
+
+
+@dataclasses.dataclass
+class StepTimer:
+    """The compiled joint train step of one config, ready to be timed chunk by chunk.
+
+    ``build(config, ...)`` compiles; ``run(n)`` runs n steps and returns their wall seconds
+    (blocking on the result). Used by this module's CLI and by benchmarks/compare_cpu.py.
+    """
+
+    step_fn: Any
+    state: Any
+    batches: list
+    batch_size: int
+    compile_s: float
+    flops: float | None
+    method: str
+    _i: int = 0
+
+    @classmethod
+    def build(cls, config, num_classes: int, image_shape, method: str | None = None) -> "StepTimer":
+        import jax
+        import jax.numpy as jnp
+
+        from ekd_jax import data, parallel, step, train
+
+        cfg = _with_method(config, method or config.method)
+        mesh = parallel.make_mesh()
+        parallel.check_batch_size(cfg.batch_size, mesh)
+        image_shape = tuple(image_shape)
+        t_shape = tuple(data.teacher_input_shape(cfg.data, image_shape))
+        s_shape = tuple(data.student_input_shape(cfg.data, image_shape))
+        c = image_shape[-1]
+        mean, std = (0.5,) * c, (0.25,) * c  # the values do not change the step's cost
+        views = functools.partial(train._views, cfg=cfg.data, mean=mean, std=std)
+        steps_per_epoch = max(1, 50_000 // cfg.batch_size)
+        total_steps = steps_per_epoch * cfg.num_epochs
+        nets = step.build_networks(cfg, num_classes, t_shape, s_shape, views, total_steps)
+        schedule = train.make_schedule(cfg, steps_per_epoch, total_steps)
+        tx = step.make_optimizer(nets, schedule, cfg.optimizer.momentum, cfg.optimizer.weight_decay, cfg.optimizer.nesterov)
+        state = step.init_state(nets, tx, cfg.seed, mesh)
+        train_step, _ = step.compile_steps(nets, tx, mesh)
+
+        bs = cfg.batch_size
+
+        def make(key):
+            ki, kl = jax.random.split(key)
+            x = jax.random.randint(ki, (bs, *image_shape), 0, 256, jnp.int32).astype(jnp.uint8)
+            y = jax.random.randint(kl, (bs,), 0, num_classes, jnp.int32)
+            return {"image": x, "label": y}
+
+        make = jax.jit(make, out_shardings=parallel.batch_sharded(mesh))
+        batches = [make(jax.random.key(i)) for i in range(SYNTHETIC_BATCHES)]
+        jax.block_until_ready(batches)
+
+        t0 = time.perf_counter()
+        compiled = train_step.lower(state, batches[0]).compile()
+        compile_s = time.perf_counter() - t0
+        return cls(compiled, state, batches, bs, compile_s, _flops(compiled), cfg.method)
+
+    def run(self, n: int) -> float:
+        import jax
+
+        t0 = time.perf_counter()
+        metrics = None
+        for _ in range(n):
+            self.state, metrics = self.step_fn(self.state, self.batches[self._i % len(self.batches)])
+            self._i += 1
+        jax.block_until_ready((self.state, metrics))
+        return time.perf_counter() - t0
+
+
+def time_step(timer: StepTimer, chunks: int, steps_per_chunk: int, chunk_seconds: float, warmup: int) -> dict:
+    """Warms up, then times ``chunks`` chunks; returns the step's numbers (median over chunks)."""
+    first = timer.run(max(warmup, 1)) / max(warmup, 1)
+    n = steps_per_chunk or max(1, round(chunk_seconds / max(first, 1e-6)))
+    per_step = [timer.run(n) / n for _ in range(chunks)]
+    step_s = statistics.median(per_step)
+    out = {
+        "step_ms": 1e3 * step_s,
+        "images_per_s": timer.batch_size / step_s,
+        "compile_s": timer.compile_s,
+        "gflops_per_step": None if timer.flops is None else timer.flops / 1e9,
+        "achieved_gflops": None if timer.flops is None else timer.flops / 1e9 / step_s,
+        "chunk_step_ms": [round(1e3 * s, 3) for s in per_step],
+        "steps_per_chunk": n,
+    }
+    return out
+
+
+def run_bench(
+    config,
+    *,
+    num_classes: int | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
+    chunks: int = 5,
+    steps_per_chunk: int = 0,
+    chunk_seconds: float = 2.0,
+    warmup_steps: int = 2,
+    student_alone: bool = True,
+    peak_gflops: float | None = None,
+) -> dict:
+    """The whole benchmark as a dict (what the CLI prints)."""
+    import jax
+    import jaxlib
+
+    if chunks < 5:
+        raise BenchError(f"--chunks must be at least 5, got {chunks}")
+    if steps_per_chunk < 0 or warmup_steps < 0 or chunk_seconds <= 0:
+        raise BenchError("--steps_per_chunk and --warmup_steps must be >= 0 and --chunk_seconds > 0")
+    if peak_gflops is not None and peak_gflops <= 0:
+        raise BenchError(f"--peak_gflops must be positive, got {peak_gflops}")
+    n_cls, shape = data_shape(config, num_classes, image_size, channels)
+    dev = jax.devices()[0]
+    result: dict[str, Any] = {
+        "method": config.method,
+        "teacher": config.teacher.model,
+        "student": config.student.model,
+        "batch_size": int(config.batch_size),
+        "num_classes": n_cls,
+        "image_shape": list(shape),
+        "student_downsample": int(config.data.student_downsample),
+        "lowres_mode": config.data.lowres_mode,
+        "dtype": config.dtype,
+        "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}".rstrip(":"),
+        "num_devices": jax.device_count(),
+        "host_cpus": os.cpu_count(),
+        "host": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    timer = StepTimer.build(config, n_cls, shape)
+    result.update(time_step(timer, chunks, steps_per_chunk, chunk_seconds, warmup_steps))
+    del timer
+    if student_alone:
+        alone = StepTimer.build(config, n_cls, shape, method="vanilla")
+        r = time_step(alone, chunks, steps_per_chunk, chunk_seconds, warmup_steps)
+        result.update({f"student_alone_{k}": v for k, v in r.items()})
+        result["joint_over_student_alone"] = result["step_ms"] / r["step_ms"]
+    if peak_gflops:
+        result["peak_gflops"] = peak_gflops
+        for prefix in ("", "student_alone_"):
+            if result.get(f"{prefix}achieved_gflops") is not None:
+                result[f"{prefix}fraction_of_peak"] = result[f"{prefix}achieved_gflops"] / peak_gflops
+    return result
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse(argv: list[str]) -> list[str]:
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e).replace("\n", " "))
+    except (KeyError, AttributeError, ValueError, TypeError, FileNotFoundError, OSError) as e:
+        _fail(f"bad --config or override: {str(e).strip(chr(34)).splitlines()[0]}")
+    if FLAGS.config is None:
+        _fail("--config is required, e.g. --config configs/cifar.py:cifar100,resnet56-resnet20")
+    return rest
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; options take the form --name=value")
+    logging.set_verbosity(logging.WARNING)
+    try:
+        result = run_bench(
+            _CONFIG.value,
+            num_classes=FLAGS.num_classes,
+            image_size=FLAGS.image_size,
+            channels=FLAGS.channels,
+            chunks=FLAGS.chunks,
+            steps_per_chunk=FLAGS.steps_per_chunk,
+            chunk_seconds=FLAGS.chunk_seconds,
+            warmup_steps=FLAGS.warmup_steps,
+            student_alone=FLAGS.student_alone,
+            peak_gflops=FLAGS.peak_gflops,
+        )
+    except ValueError as e:  # BenchError and the trainer's own validation (models, methods, ...)
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    text = json.dumps(result)
+    if FLAGS.out:
+        try:
+            path = pathlib.Path(FLAGS.out)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n")
+        except OSError as e:
+            _fail(f"cannot write --out {FLAGS.out}: {e}")
+    print(text)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse)

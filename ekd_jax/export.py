@@ -1,0 +1,279 @@
+"""Export a trained student for serving: ``python -m ekd_jax.export --workdir <run> --out <dir>``.
+
+From a finished run's ``student/`` folder this writes, under ``--out`` (default ``<run>/export``):
+
+* ``student.jax_export``  a serialized :mod:`jax.export` of the inference function with a
+  symbolic batch size. Any JAX program loads it without ekd_jax (or Flax)::
+
+      exp = jax.export.deserialize(open("student.jax_export", "rb").read())
+      logits = exp.call(images_uint8_nhwc)          # any batch size
+
+* ``saved_model/``  the same function as a TensorFlow SavedModel (``jax2tf``, batch-polymorphic),
+  signature ``serving_default``: ``images`` uint8 ``[None, H, W, C]`` -> ``logits`` float32
+  ``[None, num_classes]``; for TF Serving, or ``tf.lite.TFLiteConverter.from_saved_model``.
+* ``export.json``  model, input spec, class names, what preprocessing is inside, the run's accuracy.
+
+The function takes images exactly as the run's data source yields them (uint8 NHWC of
+``raw_image_shape``, i.e. after ``data.image_size`` resizing) and returns float32 logits.
+Scaling to [0, 1], the normalisation and, for a low-resolution student, its degradation are
+inside (``data.make_views``, evaluation mode, with the run's factor/mode); the variables are
+baked in as constants. TensorFlow is imported only for the SavedModel (``--nosaved_model`` skips it).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ekd_jax  # noqa: F401  (applies the XLA CPU defaults before jax starts)
+from ekd_jax import data
+from ekd_jax.models import create_model
+
+EXPORT_FILE = "student.jax_export"
+SAVED_MODEL_DIR = "saved_model"
+META_FILE = "export.json"
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+# Lowered once for all three: the same file runs on CPU, NVIDIA GPU and TPU.
+DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+FORMAT_VERSION = 1
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def load_network(directory: str | pathlib.Path):
+    """(module, variables, meta) of a saved ``student/`` or ``teacher/`` folder.
+
+    ``train.restore_network`` plus the compute dtype the network was trained with, so a
+    bfloat16 run is evaluated and exported as it was evaluated during training.
+    """
+    from ekd_jax import train  # lazy: pulls in the training stack (optax, orbax)
+
+    module, variables, meta = train.restore_network(directory)
+    dtype = meta.get("dtype", "float32")
+    if dtype not in _DTYPES:
+        raise ValueError(f"{directory}/network.json has dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    if dtype != "float32":
+        module = create_model(meta["model"], meta["num_classes"], dtype=_DTYPES[dtype])
+    return module, variables, meta
+
+
+def apply_fn(module, meta: dict, which: str = "student", data_cfg: Any = None) -> Callable:
+    """``f(variables, images_uint8) -> float32 logits``: the run's evaluation view, then the network.
+
+    ``data_cfg`` is the run's data config (its ``student_downsample`` / ``lowres_mode`` decide the
+    student's view); by default they are read from the network's ``meta``. ``which`` picks the
+    teacher view (the full images) or the student view from :func:`ekd_jax.data.make_views`.
+    """
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    if data_cfg is None:
+        data_cfg = {"student_downsample": int(meta["student_downsample"]), "lowres_mode": meta["lowres_mode"]}
+    mean, std = tuple(meta["mean"]), tuple(meta["std"])
+    view = 1 if which == "student" else 0
+
+    def f(variables, images):
+        if images.dtype != jnp.uint8:
+            raise TypeError(f"expected uint8 images, got {images.dtype}")
+        x = data.make_views(images, None, data_cfg, mean, std, train=False)[view]
+        logits, _ = module.apply(variables, x, train=False)
+        return logits.astype(jnp.float32)
+
+    return f
+
+
+def inference_function(module, variables, meta: dict) -> Callable[[jax.Array], jax.Array]:
+    """The deployable function: uint8 NHWC images -> float32 logits, variables closed over."""
+    variables = jax.device_get(variables)
+    f = apply_fn(module, meta, "student")
+    return lambda images: f(variables, images)
+
+
+def input_spec(meta: dict) -> jax.ShapeDtypeStruct:
+    """uint8 ``(b, H, W, C)`` with a symbolic batch size ``b``."""
+    h, w, c = (int(v) for v in meta["raw_image_shape"])
+    return jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {h}, {w}, {c}"), jnp.uint8)
+
+
+def export_function(fn: Callable, meta: dict, platforms: Sequence[str] = DEFAULT_PLATFORMS) -> jax.export.Exported:
+    return jax.export.export(jax.jit(fn), platforms=tuple(platforms))(input_spec(meta))
+
+
+def save_tf_saved_model(fn: Callable, meta: dict, path: pathlib.Path, platforms: Sequence[str] = DEFAULT_PLATFORMS):
+    """``fn`` as a batch-polymorphic SavedModel via jax2tf (native serialization), signature serving_default."""
+    try:
+        import tensorflow as tf
+        from jax.experimental import jax2tf
+    except ImportError as e:
+        raise ValueError(
+            f"the SavedModel needs TensorFlow ({e}); pip install tensorflow-cpu, or pass --nosaved_model "
+            "to write only the jax.export file"
+        ) from e
+    h, w, c = (int(v) for v in meta["raw_image_shape"])
+    converted = jax2tf.convert(
+        lambda images: {OUTPUT_NAME: fn(images)},
+        polymorphic_shapes=["(b, ...)"],
+        with_gradient=False,
+        native_serialization_platforms=tuple(platforms),
+    )
+    signature = [tf.TensorSpec([None, h, w, c], tf.uint8, name=INPUT_NAME)]
+    # Only the signature, not also a tf.function attribute: that would store a second traced copy
+    # of the function, and of the variables baked into it.
+    serving = tf.function(converted, input_signature=signature, autograph=False).get_concrete_function()
+    module = tf.Module()
+    if path.exists():
+        shutil.rmtree(path)
+    tf.saved_model.save(module, str(path), signatures={"serving_default": serving})
+
+
+def _verify(module, variables, meta: dict, blob: bytes, saved_model: pathlib.Path | None, platforms) -> dict:
+    """Max |logit difference| of each exported form against the Flax student, on a random batch."""
+    h, w, c = meta["raw_image_shape"]
+    x = np.random.default_rng(0).integers(0, 256, (3, h, w, c), dtype=np.uint8)
+    want = np.asarray(jax.jit(apply_fn(module, meta))(variables, x))
+    out: dict[str, float | None] = {"jax_export": None, "saved_model": None}
+    if jax.default_backend() in platforms or (jax.default_backend() == "gpu" and "cuda" in platforms):
+        out["jax_export"] = float(np.max(np.abs(np.asarray(jax.export.deserialize(blob).call(x)) - want)))
+    if saved_model is not None and "cpu" in platforms:  # tensorflow(-cpu) runs it on the CPU
+        import tensorflow as tf
+
+        got = tf.saved_model.load(str(saved_model)).signatures["serving_default"](**{INPUT_NAME: tf.constant(x)})
+        out["saved_model"] = float(np.max(np.abs(got[OUTPUT_NAME].numpy() - want)))
+    # float32 on CPU agrees to rounding; bfloat16 compute, or TPU/GPU default matmul precision (with the
+    # variables constant-folded in one form and not the other), only to a few bits.
+    exact = meta.get("dtype", "float32") == "float32" and jax.default_backend() == "cpu"
+    tol = (1e-4 if exact else 5e-2) * (1.0 + float(np.max(np.abs(want))))
+    for form, diff in out.items():
+        if diff is not None and not diff <= tol:
+            raise RuntimeError(f"the exported {form} differs from the Flax student by {diff:.3g} (> {tol:.3g})")
+    return out
+
+
+def export_student(
+    workdir: str | pathlib.Path,
+    out_dir: str | pathlib.Path | None = None,
+    *,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    saved_model: bool = True,
+    verify: bool = True,
+) -> dict:
+    """Exports ``<workdir>/student`` to ``out_dir`` (default ``<workdir>/export``); returns export.json's dict."""
+    t0 = time.time()
+    workdir = pathlib.Path(workdir)
+    student_dir = workdir / "student"
+    if not (student_dir / "network.json").exists():
+        raise ValueError(
+            f"{workdir} has no trained student ({student_dir / 'network.json'} is missing): pass the --workdir "
+            "of a finished run that trains a student (a 'teacher' run has none)"
+        )
+    platforms = tuple(platforms)
+    bad = [p for p in platforms if p not in DEFAULT_PLATFORMS]
+    if not platforms or bad:
+        raise ValueError(f"platforms must be a non-empty subset of {list(DEFAULT_PLATFORMS)}, got {list(platforms)}")
+    out = pathlib.Path(out_dir) if out_dir is not None else workdir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+
+    module, variables, meta = load_network(student_dir)
+    fn = inference_function(module, variables, meta)
+    exported = export_function(fn, meta, platforms)
+    blob = exported.serialize()
+    (out / EXPORT_FILE).write_bytes(blob)
+    sm_path = None
+    if saved_model:
+        sm_path = out / SAVED_MODEL_DIR
+        save_tf_saved_model(fn, meta, sm_path, platforms)
+
+    summary_path = workdir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    h, w, c = (int(v) for v in meta["raw_image_shape"])
+    info = {
+        "format_version": FORMAT_VERSION,
+        "model": meta["model"],
+        "num_classes": meta["num_classes"],
+        "class_names": meta["class_names"],
+        "input": {
+            "name": INPUT_NAME,
+            "shape": [None, h, w, c],
+            "dtype": "uint8",
+            "layout": "NHWC",
+            "value_range": [0, 255],
+            "note": "images as the run's data source yields them (after data.image_size resizing); any batch size",
+        },
+        "output": {"name": OUTPUT_NAME, "shape": [None, meta["num_classes"]], "dtype": "float32", "kind": "logits"},
+        "preprocessing_inside": {
+            "scale": "x / 255",
+            "mean": meta["mean"],
+            "std": meta["std"],
+            "student_downsample": meta["student_downsample"],
+            "lowres_mode": meta["lowres_mode"],
+            "network_input_shape": meta["input_shape"],
+        },
+        "compute_dtype": meta.get("dtype", "float32"),
+        "data_source": meta.get("data_source"),
+        "student_top1": summary.get("student_top1"),
+        "student_top5": summary.get("student_top5"),
+        "test_size": summary.get("test_size"),
+        "method": summary.get("method"),
+        "teacher_model": summary.get("teacher_model"),
+        "student_params_sha256": summary.get("student_params_sha256"),
+        "files": {"jax_export": EXPORT_FILE, "saved_model": SAVED_MODEL_DIR if saved_model else None},
+        "platforms": list(exported.platforms),
+        "jax_version": jax.__version__,
+        "calling_convention_version": exported.calling_convention_version,
+    }
+    if verify:
+        info["verified_max_abs_diff"] = _verify(module, variables, meta, blob, sm_path, platforms)
+    info["export_s"] = round(time.time() - t0, 2)
+    (out / META_FILE).write_text(json.dumps(info, indent=1))
+    return info
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _cli() -> None:
+    from absl import app, flags, logging
+
+    flags.DEFINE_string("workdir", None, "A finished run's workdir (its student/ folder is exported).")
+    flags.DEFINE_string("out", None, "Output folder (default: <workdir>/export).")
+    flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS), "Platforms to lower for: cpu, cuda, tpu.")
+    flags.DEFINE_bool("saved_model", True, "Also write the TensorFlow SavedModel (needs TensorFlow).")
+    flags.DEFINE_bool("verify", True, "Check each exported form against the Flax student on a random batch.")
+    FLAGS = flags.FLAGS
+
+    def fail(msg: str) -> None:
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+    def parse(argv):
+        try:
+            rest = FLAGS(argv)
+        except flags.Error as e:
+            fail(str(e).replace("\n", " "))
+        if not FLAGS.workdir:
+            fail("--workdir is required: the folder of a finished training run")
+        return rest
+
+    def main(argv):
+        if len(argv) > 1:
+            fail(f"unexpected arguments {argv[1:]}; options take the form --name=value")
+        logging.set_verbosity(logging.WARNING)
+        try:
+            info = export_student(
+                FLAGS.workdir, FLAGS.out, platforms=FLAGS.platforms, saved_model=FLAGS.saved_model, verify=FLAGS.verify
+            )
+        except ValueError as e:
+            fail(str(e))
+        print(json.dumps(info))
+
+    app.run(main, flags_parser=parse)
+
+
+if __name__ == "__main__":
+    _cli()
