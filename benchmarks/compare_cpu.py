@@ -2,19 +2,25 @@
 
   .venv/bin/python benchmarks/compare_cpu.py                       # both pairs, batch 64
   .venv/bin/python benchmarks/compare_cpu.py --pairs resnet56-resnet20 --batch_sizes 32,64,128,256
-  XLA_FLAGS=... EKD_JAX_XLA_DEFAULTS=0 .venv/bin/python benchmarks/compare_cpu.py   # try other flags
+  # A/B of XLA flags or patches (no torch): each --jax is NAME FLAGS PATCHES; FLAGS 'default' =
+  # the project's defaults (ekd_jax/xla_setup.py), anything else replaces XLA_FLAGS (EKD_JAX_XLA_DEFAULTS=0).
+  .venv/bin/python benchmarks/compare_cpu.py --no_torch --jax base default '' \
+      --jax nofuse '--xla_disable_hlo_passes=fusion' ''
 
-The machine is shared and noisy, so the two are never timed minutes apart: PyTorch runs in a
-subprocess (``torch_step.py --serve``, its own venv) and the two alternate chunk by chunk
-(T J J T T J ...), one at a time, each chunk about ``--chunk_seconds``. Reported per pair and batch:
-the median ms/step and images/s of each, the ratio of the medians (ekd_jax speed / PyTorch speed,
-> 1 = ekd_jax faster), the median of the per-round ratios, and ekd_jax's compile seconds.
+The machine is shared and noisy, so contenders are never timed minutes apart: each runs in its
+own subprocess (PyTorch via ``torch_step.py --serve`` in its own venv, each JAX variant via this
+script's ``--serve_jax``, so XLA flags can differ) and they take turns chunk by chunk, one at a
+time, each chunk about ``--chunk_seconds``; the order rotates every round. Reported per pair and
+batch: each contender's median ms/step and images/s, the ratio of medians to the first contender
+(for the default run: ekd_jax speed / PyTorch speed, > 1 = ekd_jax faster), the median of the
+per-round ratios, the JAX compile seconds and the CPU time / wall time of each chunk (about 2.0
+when the process had both cores; lower = the machine was busy).
 
 The JAX step is the one ``python -m ekd_jax.bench`` times: configs/cifar.py:cifar100,<pair> with
 method 'ekd' and its default loss (CE + CE + KD(T=4) + adapter MSE on the 3 stage pairs, no
 co-evolution term), built through ekd_jax.step. Both sides use the same adapter (``--adapter``):
 'ekd' = ekd_jax's 3x3 conv -> BN -> ReLU -> 1x1 conv, '1x1' = 1x1 conv -> BN (the JAX side then
-patches ekd_jax.guided.Adapter in this process only).
+patches ekd_jax.guided.Adapter in its process only).
 """
 
 from __future__ import annotations
@@ -29,65 +35,71 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import ekd_jax  # noqa: E402,F401  (XLA CPU defaults before jax starts)
-
-
-def patch_adapter_1x1():
-    """Makes ekd_jax's guided adapter a 1x1 conv + BN (the lighter reference adapter), in-process."""
-    import flax.linen as nn
-
-    from ekd_jax import guided
-    from ekd_jax.models.common import BatchNorm, conv
-
-    class Adapter1x1(nn.Module):
-        out_shape: tuple
-        dtype: object = None
-
-        @nn.compact
-        def __call__(self, f, train):
-            h, w, c = self.out_shape
-            f = guided.resize_to(f, (h, w))
-            return BatchNorm(dtype=self.dtype, name="bn")(conv(c, 1, dtype=self.dtype, name="conv1x1")(f), train)
-
-    guided.Adapter = Adapter1x1
+HERE = pathlib.Path(__file__).resolve().parent
 
 
 def jax_timer(pair: str, batch_size: int, method: str, overrides: list[str]):
-    from ekd_jax import bench
+    """bench.StepTimer for configs/cifar.py:cifar100,<pair> (compiled, not yet run)."""
+    sys.path.insert(0, str(ROOT))
     from configs import cifar
+    from ekd_jax import bench
 
     cfg = cifar.get_config(f"cifar100,{pair}")
     cfg.method = method
     cfg.batch_size = batch_size
-    for o in overrides:  # key=value on the config, e.g. loss.beta=0
+    for o in overrides:  # key=value on the config, e.g. loss.beta=0 or dtype=bfloat16
         k, v = o.split("=", 1)
         node = cfg
         *path, leaf = k.split(".")
         for p in path:
             node = node[p]
-        node[leaf] = type(node[leaf])(json.loads(v)) if not isinstance(node[leaf], str) else v
+        node[leaf] = v if isinstance(node[leaf], str) else type(node[leaf])(json.loads(v))
     n_cls, shape = bench.data_shape(cfg)
     return bench.StepTimer.build(cfg, n_cls, shape)
 
 
-class TorchServer:
-    def __init__(self, python, pair, batch_size, adapter, method, threads, extra):
-        cmd = [python, str(ROOT / "benchmarks" / "torch_step.py"), "--serve", "--pair", pair,
-               "--batch_size", str(batch_size), "--adapter", adapter, "--method", method,
-               "--threads", str(threads), *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        line = self.p.stdout.readline().split()
-        if not line or line[0] != "ready":
-            raise RuntimeError(f"torch_step.py did not start: {line}")
-        self.first = float(line[1])
+def serve_jax(a) -> None:
+    """Subprocess side: build, warm up, then run N steps per stdin line; prints 'wall cpu'."""
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(HERE))
+    import ekd_jax  # noqa: F401  (XLA defaults, unless EKD_JAX_XLA_DEFAULTS=0)
+    import patches
 
-    def run(self, n: int) -> float:
+    if a.adapter == "1x1":
+        patches.adapter_1x1()
+    patches.apply(a.patches)
+    jt = jax_timer(a.pair, a.batch_size, a.method, a.override)
+    first = min(jt.run(1), jt.run(1))
+    flops = jt.flops or 0.0
+    print(f"ready {first:.6f} {jt.compile_s:.3f} {flops:.0f} {os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line or line == "quit":
+            break
+        c0 = time.process_time()
+        wall = jt.run(int(line))
+        print(f"{wall:.6f} {time.process_time() - c0:.6f}", flush=True)
+
+
+class Server:
+    """One contender in a subprocess, answering 'N' with the wall (and CPU) seconds of N steps."""
+
+    def __init__(self, name, cmd, env):
+        self.name = name
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        line = self.p.stdout.readline().split(maxsplit=4)
+        if not line or line[0] != "ready":
+            raise RuntimeError(f"{name} did not start (got {line!r}); command: {' '.join(cmd)}")
+        self.first = float(line[1])
+        self.compile_s = float(line[2]) if len(line) > 2 else None
+        self.flops = float(line[3]) if len(line) > 3 else None
+        self.xla_flags = line[4] if len(line) > 4 else None
+
+    def run(self, n: int) -> tuple[float, float | None]:
         self.p.stdin.write(f"{n}\n")
         self.p.stdin.flush()
-        return float(self.p.stdout.readline())
+        parts = self.p.stdout.readline().split()
+        return float(parts[0]), (float(parts[1]) if len(parts) > 1 else None)
 
     def close(self):
         try:
@@ -98,53 +110,75 @@ class TorchServer:
             self.p.kill()
 
 
-def compare(args, pair: str, batch_size: int) -> dict:
-    t_build = time.perf_counter()
-    jt = jax_timer(pair, batch_size, args.method, args.override)
-    jax_first = jt.run(2) / 2  # warm-up (the first call also allocates)
-    torch = TorchServer(args.torch_python, pair, batch_size, args.adapter, args.method, args.threads, args.torch_args)
-    torch_first = torch.run(1)
-    jax_first = min(jax_first, jt.run(1))
-    n_j = max(1, round(args.chunk_seconds / jax_first))
-    n_t = max(1, round(args.chunk_seconds / torch_first))
-    tj, tt = [], []
-    for r in range(args.rounds):
-        order = ("t", "j") if r % 2 == 0 else ("j", "t")
-        for who in order:
-            time.sleep(args.pause)
-            if who == "t":
-                tt.append(torch.run(n_t) / n_t)
-            else:
-                tj.append(jt.run(n_j) / n_j)
-    torch.close()
-    mj, mt = statistics.median(tj), statistics.median(tt)
-    res = {
-        "pair": pair,
-        "batch_size": batch_size,
-        "method": args.method,
-        "adapter": args.adapter,
-        "torch_img_s": batch_size / mt,
-        "jax_img_s": batch_size / mj,
-        "ratio": mt / mj,
-        "ratio_per_round_median": statistics.median(a / b for a, b in zip(tt, tj)),
-        "torch_step_ms": 1e3 * mt,
-        "jax_step_ms": 1e3 * mj,
-        "jax_compile_s": jt.compile_s,
-        "jax_gflops_per_step": None if jt.flops is None else jt.flops / 1e9,
-        "torch_chunk_ms": [round(1e3 * x, 1) for x in tt],
-        "jax_chunk_ms": [round(1e3 * x, 1) for x in tj],
-        "steps_per_chunk": {"torch": n_t, "jax": n_j},
-        "wall_s": time.perf_counter() - t_build,
-    }
+def start(args, spec, pair, bs) -> Server:
+    name, flags, patch_names = spec
+    env = dict(os.environ)
+    if name == "torch":
+        cmd = [args.torch_python, str(HERE / "torch_step.py"), "--serve", "--pair", pair, "--batch_size", str(bs),
+               "--adapter", args.adapter, "--method", args.method, "--threads", str(args.threads), *args.torch_args]
+        env["OMP_NUM_THREADS"] = str(args.threads)
+        return Server(name, cmd, env)
+    if flags != "default":
+        env["EKD_JAX_XLA_DEFAULTS"] = "0"
+        env["XLA_FLAGS"] = flags
+    cmd = [sys.executable, str(HERE / "compare_cpu.py"), "--serve_jax", "--pairs", pair, "--batch_sizes", str(bs),
+           "--method", args.method, "--adapter", args.adapter, "--patches", patch_names,
+           *[f"--override={o}" for o in args.override]]
+    return Server(name, cmd, env)
+
+
+def compare(args, contenders, pair: str, batch_size: int) -> dict:
+    t0 = time.perf_counter()
+    servers = []
+    try:
+        for spec in contenders:  # started one after another: compiles do not overlap
+            servers.append(start(args, spec, pair, batch_size))
+        n = {s.name: max(1, round(args.chunk_seconds / s.first)) for s in servers}
+        times = {s.name: [] for s in servers}
+        util = {s.name: [] for s in servers}
+        for r in range(args.rounds):
+            order = servers[r % len(servers):] + servers[: r % len(servers)]
+            if (r // len(servers)) % 2:
+                order = order[::-1]
+            for s in order:
+                time.sleep(args.pause)
+                wall, cpu = s.run(n[s.name])
+                times[s.name].append(wall / n[s.name])
+                if cpu is not None:
+                    util[s.name].append(cpu / wall)
+    finally:
+        for s in servers:
+            s.close()
+    ref = servers[0].name
+    res = {"pair": pair, "batch_size": batch_size, "method": args.method, "adapter": args.adapter,
+           "reference": ref, "contenders": {}, "wall_s": time.perf_counter() - t0, "loadavg": os.getloadavg()}
+    for s, spec in zip(servers, contenders):
+        med = statistics.median(times[s.name])
+        res["contenders"][s.name] = {
+            "xla_flags": spec[1] if s.name != "torch" else None,
+            "patches": spec[2] if s.name != "torch" else None,
+            "img_s": batch_size / med,
+            "step_ms": 1e3 * med,
+            "ratio": statistics.median(times[ref]) / med,
+            "ratio_per_round_median": statistics.median(a / b for a, b in zip(times[ref], times[s.name])),
+            "compile_s": s.compile_s,
+            "gflops_per_step": s.flops / 1e9 if s.flops else None,
+            "cpu_per_wall": statistics.median(util[s.name]) if util[s.name] else None,
+            "chunk_ms": [round(1e3 * x, 1) for x in times[s.name]],
+            "steps_per_chunk": n[s.name],
+        }
     return res
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", default="resnet56-resnet20,resnet32x4-resnet8x4")
     p.add_argument("--batch_sizes", default="64")
     p.add_argument("--method", choices=("ekd", "vanilla"), default="ekd")
     p.add_argument("--adapter", choices=("ekd", "1x1"), default="ekd")
+    p.add_argument("--jax", nargs=3, action="append", metavar=("NAME", "FLAGS", "PATCHES"),
+                   help="a JAX contender (repeatable); default: one, 'ekd_jax' with the project defaults")
+    p.add_argument("--no_torch", action="store_true", help="leave PyTorch out (A/B of JAX variants)")
     p.add_argument("--rounds", type=int, default=6, help="alternation rounds (one chunk of each per round)")
     p.add_argument("--chunk_seconds", type=float, default=3.0)
     p.add_argument("--pause", type=float, default=0.2, help="seconds idle before each chunk")
@@ -153,20 +187,23 @@ def main():
     p.add_argument("--torch_args", nargs="*", default=[], help="extra torch_step.py flags, e.g. --channels_last")
     p.add_argument("--override", action="append", default=[], help="ekd_jax config key=value (repeatable)")
     p.add_argument("--out", default=None, help="append one JSON line per comparison to this file")
+    p.add_argument("--serve_jax", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--patches", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.adapter == "1x1":
-        patch_adapter_1x1()
-    import jax
-
-    print(f"# XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} jax {jax.__version__}", flush=True)
-    print(f"{'pair':24s} {'batch':>5s} {'torch img/s':>11s} {'ekd_jax img/s':>13s} {'ratio':>6s} "
-          f"{'round-ratio':>11s} {'compile s':>9s}", flush=True)
+    if a.serve_jax:
+        a.pair, a.batch_size = a.pairs, int(a.batch_sizes)
+        return serve_jax(a)
+    contenders = ([] if a.no_torch else [("torch", None, None)]) + (a.jax or [("ekd_jax", "default", "")])
+    print(f"{'pair':22s} {'batch':>5s} {'contender':14s} {'img/s':>8s} {'ratio':>6s} {'rnd-ratio':>9s} "
+          f"{'compile s':>9s} {'cpu/wall':>8s}", flush=True)
     for pair in a.pairs.split(","):
         for bs in (int(b) for b in a.batch_sizes.split(",")):
-            r = compare(a, pair, bs)
-            r["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-            print(f"{pair:24s} {bs:5d} {r['torch_img_s']:11.1f} {r['jax_img_s']:13.1f} {r['ratio']:6.2f} "
-                  f"{r['ratio_per_round_median']:11.2f} {r['jax_compile_s']:9.1f}", flush=True)
+            r = compare(a, contenders, pair, bs)
+            for name, c in r["contenders"].items():
+                comp = "" if c["compile_s"] is None else f"{c['compile_s']:.1f}"
+                cpu = "" if c["cpu_per_wall"] is None else f"{c['cpu_per_wall']:.2f}"
+                print(f"{pair:22s} {bs:5d} {name:14s} {c['img_s']:8.1f} {c['ratio']:6.2f} "
+                      f"{c['ratio_per_round_median']:9.2f} {comp:>9s} {cpu:>8s}", flush=True)
             print("# " + json.dumps(r), flush=True)
             if a.out:
                 with open(a.out, "a") as f:

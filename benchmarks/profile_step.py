@@ -29,7 +29,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_
 import ekd_jax  # noqa: E402,F401
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from compare_cpu import jax_timer, patch_adapter_1x1  # noqa: E402
+import patches  # noqa: E402
+from compare_cpu import jax_timer  # noqa: E402
 
 
 def classify(hlo_text: str) -> dict[str, str]:
@@ -74,14 +75,20 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--override", action="append", default=[])
+    p.add_argument("--hlo_out", default=None, help="write the compiled HLO text here")
+    p.add_argument("--patches", default="", help="benchmarks/patches.py names, comma-separated")
     a = p.parse_args()
     if a.adapter == "1x1":
-        patch_adapter_1x1()
+        patches.adapter_1x1()
+    patches.apply(a.patches)
     import jax
     from jax._src.lib import _profile_data
 
     jt = jax_timer(a.pair, a.batch_size, a.method, a.override)
-    kinds = classify(jt.step_fn.as_text())
+    hlo = jt.step_fn.as_text()
+    if a.hlo_out:
+        pathlib.Path(a.hlo_out).write_text(hlo)
+    kinds = classify(hlo)
     jt.run(2)
     d = tempfile.mkdtemp()
     t0 = time.perf_counter()

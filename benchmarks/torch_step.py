@@ -195,7 +195,9 @@ def main():
             line = line.strip()
             if not line or line == "quit":
                 break
-            print(f"{js.run(int(line)):.6f}", flush=True)
+            c0 = time.process_time()
+            wall = js.run(int(line))
+            print(f"{wall:.6f} {time.process_time() - c0:.6f}", flush=True)
         return
     n = a.steps_per_chunk or max(1, round(a.chunk_seconds / first))
     per = [js.run(n) / n for _ in range(a.chunks)]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import shutil
+import sys
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -68,13 +70,19 @@ class Checkpointer:
                     ),
                 )
             except Exception as e:  # orbax raises many types for truncated/missing files
-                msg = f"checkpoint at step {step} in {self.directory} is corrupt or incomplete ({type(e).__name__}: {str(e)[:200]})"
-                log.error("%s; trying the previous one", msg)
-                print(f"warning: {msg}; trying the previous one", flush=True)
+                msg = f"checkpoint at step {step} in {self.directory} is corrupt or incomplete ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
                 errors.append(msg)
+                # Moved aside (kept for inspection) so a new save of this step is not blocked by it.
+                aside = self.directory.parent / "corrupt_checkpoints" / str(step)
+                aside.parent.mkdir(exist_ok=True)
+                shutil.rmtree(aside, ignore_errors=True)
+                shutil.move(str(self.directory / str(step)), aside)
+                self.manager.reload()
+                log.error("%s; moved to %s, trying the previous one", msg, aside)
+                print(f"warning: {msg}; moved to {aside}, trying the previous one", file=sys.stderr, flush=True)
                 continue
             if errors:
-                print(f"warning: resumed from step {step} instead of the corrupt newer checkpoint(s)", flush=True)
+                print(f"warning: resumed from step {step} instead of the corrupt newer checkpoint(s)", file=sys.stderr, flush=True)
             return restored["state"], dict(restored["meta"])
         raise CorruptCheckpointError(
             "every checkpoint in the workdir failed to restore: "

@@ -156,7 +156,8 @@ def evaluate_run(
     cfg, summary = run_data_config(workdir, data_overrides)
     present = [w for w in networks if (workdir / w / "network.json").exists()]
     if not present:
-        raise ValueError(f"{workdir} holds no saved network ({' or '.join(f'{w}/' for w in networks)}): is the run finished?")
+        folders = " or ".join(f"{w}/" for w in networks)
+        raise ValueError(f"{workdir} holds no saved network ({folders}): is the run finished?")
     ds = data.load_dataset(cfg)
     mesh = parallel.make_mesh()
     batch_size = batch_size or int(summary.get("config", {}).get("eval_batch_size", 256))
@@ -215,7 +216,7 @@ def _cli() -> None:
     allowed = ", ".join([*(f"--config.data.{k}" for k in OVERRIDABLE), "--config.eval_batch_size"])
 
     def fail(msg: str) -> None:
-        print(f"error: {msg}", file=sys.stderr)
+        print("error: " + " ".join(str(msg).split()), file=sys.stderr)  # always one line
         sys.exit(2)
 
     try:  # config_flags reads the --config.* overrides from sys.argv already here

@@ -248,7 +248,7 @@ def _cli() -> None:
     FLAGS = flags.FLAGS
 
     def fail(msg: str) -> None:
-        print(f"error: {msg}", file=sys.stderr)
+        print("error: " + " ".join(str(msg).split()), file=sys.stderr)  # always one line
         sys.exit(2)
 
     def parse(argv):

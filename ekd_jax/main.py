@@ -20,7 +20,7 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, summary and th
 
 
 def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
+    print("error: " + " ".join(str(msg).split()), file=sys.stderr)
     sys.exit(2)
 
 

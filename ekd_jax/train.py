@@ -111,8 +111,8 @@ def _load_frozen_teacher(config, ds, nets: step.Networks, state: step.JointState
 
 def _first_non_finite(history: list[dict], first_step: int) -> tuple[int, str] | None:
     for i, m in enumerate(history):
-        for k, v in m.items():
-            if not math.isfinite(float(v)):
+        for k in sorted(m, key=lambda k: k == "loss"):  # name the term before the total
+            if not math.isfinite(float(m[k])):
                 return first_step + i, k
     return None
 
@@ -128,16 +128,15 @@ def _evaluate(eval_step, state, ds: data.Dataset, batch_size: int, mesh) -> dict
 
 
 def _plot_curves(records: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
+    # A bare Figure (no pyplot): does not switch the backend of a notebook that calls us.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in records]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = [r["epoch"] + 1 for r in records]
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
     for who in ("teacher", "student"):
         if f"{who}/top1" in records[-1]:
-            ax1.plot(epochs, [r[f"{who}/top1"] for r in records], label=f"{who} test top-1")
+            ax1.plot(epochs, [r.get(f"{who}/top1", float("nan")) for r in records], label=f"{who} test top-1")
     ax1.set_xlabel("epoch"), ax1.set_ylabel("accuracy"), ax1.legend(), ax1.grid(alpha=0.3)
     for k in sorted(k for k in records[-1] if k.startswith("train/") and "top1" not in k):
         ax2.plot(epochs, [r.get(k, float("nan")) for r in records], label=k[len("train/"):])
@@ -145,7 +144,6 @@ def _plot_curves(records: list[dict], path: pathlib.Path) -> None:
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 class _Progress:
@@ -200,10 +198,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)), state
         )
         restored = ckpt.restore_latest(abstract)
+        config_json = json.loads(config.to_json_best_effort())
         if restored is not None:
             state, meta = restored
+            if meta.get("config", config_json) != config_json:
+                diff = sorted(_config_diff(meta["config"], config_json))
+                raise ValueError(
+                    f"{workdir} holds checkpoints of a run with a different config (differs in {', '.join(diff)}); "
+                    "resume with the same config, or use a new --workdir"
+                )
             start_epoch, best = meta["epoch"] + 1, meta["best"]
-            print(f"resuming from the checkpoint of epoch {start_epoch} (step {int(state.step)})", flush=True)
+            print(f"resuming after epoch {start_epoch} (step {int(state.step)}) from {ckpt.directory}", flush=True)
         # metrics.jsonl holds exactly the evaluations of the epochs the state has seen.
         if metrics_path.exists():
             records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -265,7 +270,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     writer.add_scalar(k, v, rec["step"])
             writer.flush()
             print(_format_record(rec), flush=True)
-            ckpt.save(rec["step"], state, {"epoch": epoch, "best": best}, rec.get(key, best["student/top1"]))
+            ckpt.save(rec["step"], state, {"epoch": epoch, "best": best, "config": config_json}, rec.get(key, best["student/top1"]))
         ckpt.wait()
         writer.close()
 
@@ -302,6 +307,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return summary
 
 
+def _config_diff(a, b, prefix=""):
+    for k in set(a) | set(b):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            yield from _config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            yield f"{prefix}{k}"
+
+
 def _views(images, key, train, *, cfg, mean, std):
     return data.make_views(images, key, cfg, mean, std, train)
 
@@ -334,7 +348,8 @@ def restore_network(directory: str | pathlib.Path):
     if not meta_path.exists():
         raise ValueError(f"{directory} is not a saved network (no network.json): pass a run's student/ or teacher/ folder")
     meta = json.loads(meta_path.read_text())
-    model = create_model(meta["model"], meta["num_classes"])
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[meta.get("dtype", "float32")]
+    model = create_model(meta["model"], meta["num_classes"], dtype=dtype)
     x = jax.ShapeDtypeStruct((1, *meta["input_shape"]), jnp.float32)
     abstract = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0), x)
     variables = checkpoint.load_network(directory, abstract)

@@ -111,20 +111,21 @@ def test_export_files_and_metadata(exported):
     assert str(exp.in_avals[0].dtype) == "uint8" and str(exp.out_avals[0].dtype) == "float32"
 
 
-@pytest.mark.parametrize("batch", [37, 1])
-def test_both_forms_reproduce_the_flax_student(exported, digits_test_split, batch):
+def test_both_forms_reproduce_the_flax_student(exported, digits_test_split):
     import tensorflow as tf
 
     run, _, out = exported
-    x = digits_test_split[0][:batch]
-    want = _flax_logits(run, x)
-    got_jax = np.asarray(jax.export.deserialize((out / export.EXPORT_FILE).read_bytes()).call(x))
+    exp = jax.export.deserialize((out / export.EXPORT_FILE).read_bytes())
     serving = tf.saved_model.load(str(out / export.SAVED_MODEL_DIR)).signatures["serving_default"]
-    got_tf = serving(images=tf.constant(x))["logits"].numpy()
-    assert got_jax.shape == got_tf.shape == want.shape == (batch, 10)
-    assert got_jax.dtype == got_tf.dtype == np.float32
-    np.testing.assert_allclose(got_jax, want, rtol=0, atol=ATOL)
-    np.testing.assert_allclose(got_tf, want, rtol=0, atol=ATOL)
+    for batch in (37, 1):  # one export, any batch size
+        x = digits_test_split[0][:batch]
+        want = _flax_logits(run, x)
+        got_jax = np.asarray(exp.call(x))
+        got_tf = serving(images=tf.constant(x))["logits"].numpy()
+        assert got_jax.shape == got_tf.shape == want.shape == (batch, 10)
+        assert got_jax.dtype == got_tf.dtype == np.float32
+        np.testing.assert_allclose(got_jax, want, rtol=0, atol=ATOL)
+        np.testing.assert_allclose(got_tf, want, rtol=0, atol=ATOL)
 
 
 def test_export_runs_without_ekd_jax_and_matches_summary(tiny_export, digits_test_split, tmp_path):
@@ -175,7 +176,7 @@ def test_evaluate_matches_summary(request, which_run):
 def _cli(module, *args, env=None):
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", **(env or {})},
     )
 
 
@@ -191,8 +192,6 @@ def test_evaluate_cli(tiny_run):
     "module,args,message",
     [
         ("ekd_jax.export", ["--workdir=/nonexistent/run"], "has no trained student"),
-        ("ekd_jax.export", [], "--workdir is required"),
-        ("ekd_jax.evaluate", ["--workdir=/nonexistent/run"], "holds no finished run"),
         ("ekd_jax.evaluate", ["--workdir=/x", "--config.data.flip=false"], "evaluate accepts only"),
     ],
 )

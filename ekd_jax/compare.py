@@ -1,0 +1,157 @@
+"""Comparison runner: several methods x seeds on the same data and subset, one table and a bar plot.
+
+  python -m ekd_jax.compare --config configs/quickstart.py --methods vanilla,kd,dml,ekd \
+      --seeds 0,1 --workdir runs/compare [--config.num_epochs=30 ...]
+
+Each (method, seed) trains in ``<workdir>/<method>_s<seed>`` (resumed if interrupted, reused if
+finished); offline methods (kd, fitnet, at) first get a ``teacher`` run of the same seed.
+Writes ``results.md``, ``results.json`` and ``results.png`` in ``<workdir>`` after every run, so
+partial results survive an interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import ekd_jax  # noqa: F401  (XLA CPU defaults before jax starts)
+from ekd_jax.methods import METHODS
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Folder for all runs and the results.")
+flags.DEFINE_list("methods", ["vanilla", "kd", "dml", "ekd"], "Methods to compare.")
+flags.DEFINE_list("seeds", ["0", "1"], "Seeds (init and data order; the few-sample subset stays fixed).")
+
+
+def _summary(path: pathlib.Path) -> dict | None:
+    p = path / "summary.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def run_one(config, workdir: pathlib.Path) -> dict:
+    from ekd_jax import train
+
+    done = _summary(workdir)
+    if done is not None and done.get("config") == json.loads(config.to_json_best_effort()):
+        return done  # finished with exactly this config
+    return train.train_and_evaluate(config, str(workdir))
+
+
+def compare(config, methods: list[str], seeds: list[int], workdir: str) -> dict:
+    """Runs every (method, seed) and writes the results; returns {method: [summaries]}."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+    root = pathlib.Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {m: [] for m in methods}
+    for seed in seeds:
+        for method in methods:
+            c = config.copy_and_resolve_references()
+            c.seed, c.method = seed, method
+            if METHODS[method].needs_teacher_checkpoint:
+                t = config.copy_and_resolve_references()
+                t.seed, t.method = seed, "teacher"
+                run_one(t, root / f"teacher_s{seed}")
+                c.teacher.checkpoint = str(root / f"teacher_s{seed}")
+            print(f"=== {method}, seed {seed} ===", flush=True)
+            results[method].append(run_one(c, root / f"{method}_s{seed}"))
+            write_results(results, config, root)
+    return results
+
+
+def _mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
+def write_results(results: dict[str, list[dict]], config, root: pathlib.Path) -> None:
+    rows, table = [], {}
+    for method, runs in results.items():
+        if not runs:
+            continue
+        s_m, s_s = _mean_std([r["student_top1"] for r in runs])
+        b_m, b_s = _mean_std([r["best_student_top1"] for r in runs])
+        t_m, t_s = _mean_std([r["teacher_top1"] for r in runs])
+        table[method] = {
+            "student_top1_mean": s_m, "student_top1_std": s_s, "best_student_top1_mean": b_m,
+            "teacher_top1_mean": t_m, "teacher_top1_std": t_s, "n": len(runs),
+            "student_top1": [r["student_top1"] for r in runs], "seeds": [r["config"]["seed"] for r in runs],
+        }
+        fmt = lambda m, s: "–" if m is None else f"{100 * m:.2f} ± {100 * s:.2f}"  # noqa: E731
+        rows.append(f"| {method} | {fmt(s_m, s_s)} | {fmt(b_m, b_s or 0.0)} | {fmt(t_m, t_s)} | {len(runs)} |")
+    any_run = next(r for runs in results.values() for r in runs)
+    head = (
+        f"# Comparison: {config.teacher.model} -> {config.student.model} on {config.data.source}\n\n"
+        f"train {any_run['train_size']} / test {any_run['test_size']} images, {config.num_epochs} epochs, "
+        f"student input {any_run['student_input_shape']}, teacher input {any_run['teacher_input_shape']}; "
+        "top-1 in %, mean ± std over seeds (final epoch; 'best' = best epoch).\n\n"
+        "| method | student top-1 | student best | teacher top-1 | runs |\n|---|---|---|---|---|\n"
+    )
+    (root / "results.md").write_text(head + "\n".join(rows) + "\n")
+    (root / "results.json").write_text(json.dumps(table, indent=1))
+    _bar_plot(table, root / "results.png", f"{config.teacher.model} -> {config.student.model}")
+
+
+def _bar_plot(table: dict, path: pathlib.Path, title: str) -> None:
+    from matplotlib.figure import Figure
+
+    methods = list(table)
+    fig = Figure(figsize=(1.3 * len(methods) + 2, 3.5))
+    ax = fig.subplots()
+    x = np.arange(len(methods))
+    for off, who, color in ((-0.2, "student", "tab:blue"), (0.2, "teacher", "tab:orange")):
+        means = [100 * (table[m][f"{who}_top1_mean"] or np.nan) for m in methods]
+        stds = [100 * (table[m][f"{who}_top1_std"] or 0.0) for m in methods]
+        ax.bar(x + off, means, 0.4, yerr=stds, label=who, color=color, capsize=3)
+    ax.set_xticks(x, methods)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(title)
+    ax.legend()
+    vals = [100 * table[m]["student_top1_mean"] for m in methods if table[m]["student_top1_mean"] is not None]
+    if vals:
+        ax.set_ylim(max(0, min(vals) - 10), None)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _fail(msg: str) -> None:
+    print("error: " + " ".join(str(msg).split()), file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse(argv):
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
+    except (KeyError, AttributeError, ValueError, TypeError, OSError) as e:
+        _fail(f"bad --config or override: {e}")
+    if FLAGS.config is None or not FLAGS.workdir:
+        _fail("--config and --workdir are required")
+    return rest
+
+
+def main(argv):
+    logging.set_verbosity(logging.WARNING)
+    try:
+        seeds = [int(s) for s in FLAGS.seeds]
+    except ValueError:
+        _fail(f"--seeds must be integers, got {FLAGS.seeds}")
+    try:
+        compare(_CONFIG.value, FLAGS.methods, seeds, FLAGS.workdir)
+    except ValueError as e:
+        _fail(str(e))
+    print((pathlib.Path(FLAGS.workdir) / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse)
