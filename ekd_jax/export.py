@@ -35,7 +35,6 @@ import numpy as np
 
 import ekd_jax  # noqa: F401  (applies the XLA CPU defaults before jax starts)
 from ekd_jax import data
-from ekd_jax.models import create_model
 
 EXPORT_FILE = "student.jax_export"
 SAVED_MODEL_DIR = "saved_model"
@@ -44,24 +43,13 @@ INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # Lowered once for all three: the same file runs on CPU, NVIDIA GPU and TPU.
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 FORMAT_VERSION = 1
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def load_network(directory: str | pathlib.Path):
-    """(module, variables, meta) of a saved ``student/`` or ``teacher/`` folder.
-
-    ``train.restore_network`` plus the compute dtype the network was trained with, so a
-    bfloat16 run is evaluated and exported as it was evaluated during training.
-    """
+    """(module, variables, meta) of a saved ``student/`` or ``teacher/`` folder, in its trained dtype."""
     from ekd_jax import train  # lazy: pulls in the training stack (optax, orbax)
 
-    module, variables, meta = train.restore_network(directory)
-    dtype = meta.get("dtype", "float32")
-    if dtype not in _DTYPES:
-        raise ValueError(f"{directory}/network.json has dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
-    if dtype != "float32":
-        module = create_model(meta["model"], meta["num_classes"], dtype=_DTYPES[dtype])
-    return module, variables, meta
+    return train.restore_network(directory)
 
 
 def apply_fn(module, meta: dict, which: str = "student", data_cfg: Any = None) -> Callable:

@@ -174,3 +174,18 @@ def test_schedule_multistep_and_warmup():
     assert lrs[0] == pytest.approx(0.005) and lrs[9] == pytest.approx(0.05)
     assert lrs[49] == pytest.approx(0.05) and lrs[50] == pytest.approx(0.005)  # 62.5% of 80
     assert lrs[79] == pytest.approx(0.05e-3)
+
+
+def test_compare_runner_writes_table_and_runs_teacher_first(tmp_path):
+    from ekd_jax import compare
+
+    results = compare.compare(tiny(num_epochs=1), ["vanilla", "kd"], [0], str(tmp_path))
+    teacher = json.loads((tmp_path / "teacher_s0" / "summary.json").read_text())
+    assert results["kd"][0]["teacher_params_sha256"] == teacher["teacher_params_sha256"]
+    # Same data and subset for every method.
+    assert results["kd"][0]["train_size"] == results["vanilla"][0]["train_size"] == teacher["train_size"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| vanilla |" in md and "| kd |" in md
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["vanilla"]["student_top1"] == [results["vanilla"][0]["student_top1"]]
