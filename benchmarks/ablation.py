@@ -33,12 +33,7 @@ VARIANTS = {
 
 def apply(config, overrides):
     c = config.copy_and_resolve_references()
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(overrides)
     return c
 
 

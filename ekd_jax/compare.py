@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 import ekd_jax  # noqa: F401  (XLA CPU defaults before jax starts)
+from ekd_jax import cli
 from ekd_jax.methods import METHODS
 
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Folder for all runs and the results.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "the experiment config file, e.g. configs/study.py:few100", lock_config=True)
+flags.DEFINE_string("workdir", None, "the folder for all runs and the results")
 flags.DEFINE_list("methods", ["vanilla", "kd", "dml", "ekd"], "Methods to compare.")
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds (init and data order; the few-sample subset stays fixed).")
 
@@ -123,35 +123,14 @@ def _bar_plot(table: dict, path: pathlib.Path, title: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _fail(msg: str) -> None:
-    print("error: " + " ".join(str(msg).split()), file=sys.stderr)
-    sys.exit(2)
-
-
-def _parse(argv):
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e))
-    except (KeyError, AttributeError, ValueError, TypeError, OSError) as e:
-        _fail(f"bad --config or override: {e}")
-    if FLAGS.config is None or not FLAGS.workdir:
-        _fail("--config and --workdir are required")
-    return rest
-
-
-def main(argv):
-    logging.set_verbosity(logging.WARNING)
+def main() -> None:
     try:
         seeds = [int(s) for s in FLAGS.seeds]
     except ValueError:
-        _fail(f"--seeds must be integers, got {FLAGS.seeds}")
-    try:
-        compare(_CONFIG.value, FLAGS.methods, seeds, FLAGS.workdir)
-    except ValueError as e:
-        _fail(str(e))
+        raise ValueError(f"--seeds must be integers, got {FLAGS.seeds}") from None
+    compare(_CONFIG.value, FLAGS.methods, seeds, FLAGS.workdir)
     print((pathlib.Path(FLAGS.workdir) / "results.md").read_text())
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse)
+    cli.run(main, required=("config", "workdir"))

@@ -204,8 +204,10 @@ def format_result(result: dict) -> str:
 
 
 def _cli() -> None:
-    from absl import app, flags, logging
+    from absl import flags
     from ml_collections import config_dict, config_flags
+
+    from ekd_jax import cli
 
     overrides = ml_collections.ConfigDict(
         {
@@ -215,44 +217,22 @@ def _cli() -> None:
     )
     allowed = ", ".join([*(f"--config.data.{k}" for k in OVERRIDABLE), "--config.eval_batch_size"])
 
-    def fail(msg: str) -> None:
-        print("error: " + " ".join(str(msg).split()), file=sys.stderr)  # always one line
-        sys.exit(2)
-
     try:  # config_flags reads the --config.* overrides from sys.argv already here
         config = config_flags.DEFINE_config_dict("config", overrides, f"Overrides of the run's config: {allowed}.")
     except (KeyError, AttributeError, ValueError, TypeError) as e:
-        fail(f"bad --config override ({str(e).strip(chr(34))}); evaluate accepts only {allowed}")
-    flags.DEFINE_string("workdir", None, "A finished run's workdir.")
+        cli.fail(f"bad --config override ({str(e).strip(chr(34))}); evaluate accepts only {allowed}")
+    flags.DEFINE_string("workdir", None, "a finished run's workdir")
     flags.DEFINE_bool("plot", True, "Write confusion_<network>.png into the workdir.")
     FLAGS = flags.FLAGS
 
-    def parse(argv):
-        try:
-            rest = FLAGS(argv)
-        except flags.Error as e:
-            fail(str(e).replace("\n", " "))
-        except (KeyError, AttributeError, ValueError, TypeError) as e:
-            fail(f"bad --config override: {str(e).strip(chr(34)).splitlines()[0]}")
-        if not FLAGS.workdir:
-            fail("--workdir is required: the folder of a finished training run")
-        return rest
-
-    def main(argv):
-        if len(argv) > 1:
-            fail(f"unexpected arguments {argv[1:]}; options take the form --name=value")
-        logging.set_verbosity(logging.WARNING)
+    def main():
         c = config.value
-        try:
-            result = evaluate_run(
-                FLAGS.workdir, dict(c.data), batch_size=c.eval_batch_size, plot=FLAGS.plot
-            )
-        except (ValueError, RuntimeError) as e:  # bad input, or a data source that cannot be prepared
-            fail(str(e))
+        result = evaluate_run(FLAGS.workdir, dict(c.data), batch_size=c.eval_batch_size, plot=FLAGS.plot)
         print(format_result(result))
         print(json.dumps(result))
 
-    app.run(main, flags_parser=parse)
+    # RuntimeError: a data source that cannot be prepared (e.g. TFDS offline).
+    cli.run(main, required=("workdir",), errors=(ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

@@ -226,41 +226,24 @@ def export_student(
 
 
 def _cli() -> None:
-    from absl import app, flags, logging
+    from absl import flags
 
-    flags.DEFINE_string("workdir", None, "A finished run's workdir (its student/ folder is exported).")
+    from ekd_jax import cli
+
+    flags.DEFINE_string("workdir", None, "a finished run's workdir (its student/ folder is exported)")
     flags.DEFINE_string("out", None, "Output folder (default: <workdir>/export).")
     flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS), "Platforms to lower for: cpu, cuda, tpu.")
     flags.DEFINE_bool("saved_model", True, "Also write the TensorFlow SavedModel (needs TensorFlow).")
     flags.DEFINE_bool("verify", True, "Check each exported form against the Flax student on a random batch.")
     FLAGS = flags.FLAGS
 
-    def fail(msg: str) -> None:
-        print("error: " + " ".join(str(msg).split()), file=sys.stderr)  # always one line
-        sys.exit(2)
-
-    def parse(argv):
-        try:
-            rest = FLAGS(argv)
-        except flags.Error as e:
-            fail(str(e).replace("\n", " "))
-        if not FLAGS.workdir:
-            fail("--workdir is required: the folder of a finished training run")
-        return rest
-
-    def main(argv):
-        if len(argv) > 1:
-            fail(f"unexpected arguments {argv[1:]}; options take the form --name=value")
-        logging.set_verbosity(logging.WARNING)
-        try:
-            info = export_student(
-                FLAGS.workdir, FLAGS.out, platforms=FLAGS.platforms, saved_model=FLAGS.saved_model, verify=FLAGS.verify
-            )
-        except ValueError as e:
-            fail(str(e))
+    def main():
+        info = export_student(
+            FLAGS.workdir, FLAGS.out, platforms=FLAGS.platforms, saved_model=FLAGS.saved_model, verify=FLAGS.verify
+        )
         print(json.dumps(info))
 
-    app.run(main, flags_parser=parse)
+    cli.run(main, required=("workdir",))
 
 
 if __name__ == "__main__":

@@ -18,12 +18,7 @@ def tiny_config(method="ekd", **overrides):
     c.num_epochs = 1
     if method in ("kd", "fitnet", "at"):
         c.teacher.checkpoint = "unused-by-step-tests"
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(overrides)
     return c
 
 

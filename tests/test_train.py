@@ -29,12 +29,7 @@ SUMMARY_KEYS = (
 def tiny(**overrides):
     c = quickstart.get_config("tiny")
     c.num_epochs = EPOCHS
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(overrides)
     return c
 
 
