@@ -57,7 +57,30 @@ def barrier():
     wrn.nn = _nn_with(relu=relu)
 
 
-PATCHES = {"adapter_1x1": adapter_1x1, "barrier": barrier}
+def _runtime_one(x):
+    """A float 1.0 that XLA cannot constant-fold (0 * a value of x, + 1); exact unless x holds inf/nan."""
+    return 1.0 + 0.0 * jax.lax.stop_gradient(x.reshape(-1)[0]).astype(x.dtype)
+
+
+def relu_div():
+    """Every ReLU of the ResNet/WRN zoo becomes ``relu(x) / one`` with ``one`` a runtime 1.0.
+
+    The division is exact (x / 1.0 == x) and costs one vector op inside a fusion that exists anyway,
+    but XLA counts a float divide as *expensive* and never duplicates an expensive instruction into
+    several consumer fusions: each block output is then written once and read by its consumers,
+    instead of the residual chain being recomputed inside each (forward and, through the divide's
+    gradient g / one, backward).
+    """
+    from ekd_jax.models import resnet, wrn
+
+    def relu(x):
+        return jax.nn.relu(x) / _runtime_one(x)
+
+    resnet.nn = _nn_with(relu=relu)
+    wrn.nn = _nn_with(relu=relu)
+
+
+PATCHES = {"adapter_1x1": adapter_1x1, "barrier": barrier, "relu_div": relu_div}
 
 
 def apply(names: str) -> None:

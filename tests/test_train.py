@@ -133,6 +133,12 @@ def test_cli_override_and_typos(tmp_path):
     assert r.returncode == 2 and "error: unknown model 'resnet21'" in r.stderr and "Traceback" not in r.stderr
     r = run_cli(tmp_path / "bad_source", "--config.data.source=npz:/nonexistent/x.npz")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "/nonexistent/x.npz" in r.stderr and "Traceback" not in r.stderr
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "ekd_jax.main", "--config", "configs/missing.py", "--workdir", str(tmp_path)],
+                       env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error: ") and "configs/missing.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_override_runs_other_method(tmp_path):
