@@ -2,10 +2,10 @@
 
   .venv/bin/python benchmarks/compare_cpu.py                       # both pairs, batch 64
   .venv/bin/python benchmarks/compare_cpu.py --pairs resnet56-resnet20 --batch_sizes 32,64,128,256
-  # A/B of XLA flags or patches (no torch): each --jax is NAME FLAGS PATCHES; FLAGS 'default' =
+  # A/B of XLA flags or patches (no torch): each --jax is NAME|FLAGS|PATCHES; FLAGS 'default' =
   # the project's defaults (ekd_jax/xla_setup.py), anything else replaces XLA_FLAGS (EKD_JAX_XLA_DEFAULTS=0).
-  .venv/bin/python benchmarks/compare_cpu.py --no_torch --jax base default '' \
-      --jax nofuse '--xla_disable_hlo_passes=fusion' ''
+  .venv/bin/python benchmarks/compare_cpu.py --no_torch --jax 'base|default|' \
+      --jax 'nofuse|--xla_disable_hlo_passes=fusion|' --jax 'div|default|relu_div'
 
 The machine is shared and noisy, so contenders are never timed minutes apart: each runs in its
 own subprocess (PyTorch via ``torch_step.py --serve`` in its own venv, each JAX variant via this
@@ -122,7 +122,7 @@ def start(args, spec, pair, bs) -> Server:
         env["EKD_JAX_XLA_DEFAULTS"] = "0"
         env["XLA_FLAGS"] = flags
     cmd = [sys.executable, str(HERE / "compare_cpu.py"), "--serve_jax", "--pairs", pair, "--batch_sizes", str(bs),
-           "--method", args.method, "--adapter", args.adapter, "--patches", patch_names,
+           "--method", args.method, "--adapter", args.adapter, f"--patches={patch_names}",
            *[f"--override={o}" for o in args.override]]
     return Server(name, cmd, env)
 
@@ -176,8 +176,9 @@ def main():
     p.add_argument("--batch_sizes", default="64")
     p.add_argument("--method", choices=("ekd", "vanilla"), default="ekd")
     p.add_argument("--adapter", choices=("ekd", "1x1"), default="ekd")
-    p.add_argument("--jax", nargs=3, action="append", metavar=("NAME", "FLAGS", "PATCHES"),
-                   help="a JAX contender (repeatable); default: one, 'ekd_jax' with the project defaults")
+    p.add_argument("--jax", action="append", metavar="NAME|FLAGS|PATCHES",
+                   help="a JAX contender (repeatable): name, XLA_FLAGS ('default' = the project's defaults) and "
+                        "benchmarks/patches.py names, '|'-separated; default: 'ekd_jax|default|'")
     p.add_argument("--no_torch", action="store_true", help="leave PyTorch out (A/B of JAX variants)")
     p.add_argument("--rounds", type=int, default=6, help="alternation rounds (one chunk of each per round)")
     p.add_argument("--chunk_seconds", type=float, default=3.0)
@@ -193,7 +194,13 @@ def main():
     if a.serve_jax:
         a.pair, a.batch_size = a.pairs, int(a.batch_sizes)
         return serve_jax(a)
-    contenders = ([] if a.no_torch else [("torch", None, None)]) + (a.jax or [("ekd_jax", "default", "")])
+    jax_specs = []
+    for spec in a.jax or ["ekd_jax|default|"]:
+        parts = spec.split("|")
+        if len(parts) != 3:
+            p.error(f"--jax {spec!r}: expected NAME|FLAGS|PATCHES")
+        jax_specs.append(tuple(parts))
+    contenders = ([] if a.no_torch else [("torch", None, None)]) + jax_specs
     print(f"{'pair':22s} {'batch':>5s} {'contender':14s} {'img/s':>8s} {'ratio':>6s} {'rnd-ratio':>9s} "
           f"{'compile s':>9s} {'cpu/wall':>8s}", flush=True)
     for pair in a.pairs.split(","):

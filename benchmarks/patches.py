@@ -80,7 +80,108 @@ def relu_div():
     wrn.nn = _nn_with(relu=relu)
 
 
-PATCHES = {"adapter_1x1": adapter_1x1, "barrier": barrier, "relu_div": relu_div}
+def _make_bn(fast_var: bool, custom_grad: bool):
+    """A drop-in for models.common.BatchNorm (same variables, same running-stat update)."""
+    import math
+
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from ekd_jax.models import common
+
+    def _stats(xf, axes):
+        mean = jnp.mean(xf, axis=axes)
+        if fast_var:
+            var = jnp.maximum(jnp.mean(jnp.square(xf), axis=axes) - jnp.square(mean), 0.0)
+        else:
+            var = jnp.mean(jnp.square(xf - mean), axis=axes)
+        return mean, var
+
+    def _fwd(x, scale, bias):
+        axes = tuple(range(x.ndim - 1))
+        xf = x.astype(jnp.float32)
+        mean, var = _stats(xf, axes)
+        inv = jax.lax.rsqrt(var + common.BN_EPS)
+        mul = scale * inv
+        y = (x * mul.astype(x.dtype) + (bias - mean * mul).astype(x.dtype))
+        return (y, mean, var), (x, mean, inv, scale)
+
+    def _bwd(res, cts):
+        x, mean, inv, scale = res
+        g = cts[0].astype(jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        n = math.prod(x.shape[:-1])
+        xhat = (x.astype(jnp.float32) - mean) * inv
+        dbias = jnp.sum(g, axis=axes)
+        dscale = jnp.sum(g * xhat, axis=axes)
+        dx = (scale * inv / n) * (n * g - dbias - xhat * dscale)
+        return dx.astype(x.dtype), dscale, dbias
+
+    bn_full = jax.custom_vjp(lambda x, s, b: _fwd(x, s, b)[0])
+    bn_full.defvjp(lambda x, s, b: _fwd(x, s, b), _bwd)
+
+    class BatchNorm(nn.Module):
+        momentum: float = common.BN_MOMENTUM
+        epsilon: float = common.BN_EPS
+        dtype: object = None
+
+        @nn.compact
+        def __call__(self, x, train):
+            features = x.shape[-1]
+            scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+            bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+            ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+            ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+            dtype = self.dtype or x.dtype
+            if not train:
+                mul = scale * jax.lax.rsqrt(ra_var.value + self.epsilon)
+                return x.astype(dtype) * mul.astype(dtype) + (bias - ra_mean.value * mul).astype(dtype)
+            x = x.astype(dtype)
+            if custom_grad:
+                y, mean, var = bn_full(x, scale, bias)
+                mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+            else:
+                (y, mean, var), _ = _fwd(x, scale, bias)
+            if not self.is_initializing():
+                n = math.prod(x.shape[:-1])
+                ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var * (n / max(n - 1, 1))
+            return y
+
+    return BatchNorm
+
+
+def _install_bn(cls):
+    from ekd_jax import guided
+    from ekd_jax.models import resnet, wrn
+
+    for mod in (resnet, wrn, guided):
+        mod.BatchNorm = cls
+
+
+def bn_fast():
+    """BatchNorm statistics in one pass: var = E[x^2] - E[x]^2 (flax's default), autodiff backward."""
+    _install_bn(_make_bn(fast_var=True, custom_grad=False))
+
+
+def bn_vjp():
+    """BatchNorm with a hand-written backward (custom_vjp): 2 fused reductions + 1 elementwise pass."""
+    _install_bn(_make_bn(fast_var=False, custom_grad=True))
+
+
+def bn_fast_vjp():
+    """Both: one-pass statistics and the hand-written backward."""
+    _install_bn(_make_bn(fast_var=True, custom_grad=True))
+
+
+PATCHES = {
+    "adapter_1x1": adapter_1x1,
+    "barrier": barrier,
+    "relu_div": relu_div,
+    "bn_fast": bn_fast,
+    "bn_vjp": bn_vjp,
+    "bn_fast_vjp": bn_fast_vjp,
+}
 
 
 def apply(names: str) -> None:

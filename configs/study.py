@@ -25,7 +25,7 @@ def get_config(arg: str = "few100"):
     c.eval_batch_size = 500
     c.optimizer.learning_rate = 0.05
     c.log_every_steps = 50
-    c.num_epochs = {"full": 5, "lowres4": 5, "few100": 30}[arg]
+    c.num_epochs = {"full": 3, "lowres4": 3, "few100": 30}[arg]
     c.eval_every_epochs = {"full": 1, "lowres4": 1, "few100": 5}[arg]
     if arg == "lowres4":
         c.data.student_downsample = 4
