@@ -40,7 +40,7 @@ class LossConfig:
     ramp_start: float = 0.5  # fraction of training before any transfer (the online teacher pulls ahead first)
     ramp_length: float = 0.2  # fraction of training over which transfer weight goes 0 -> 1
     ramp_shape: str = "linear"  # 'linear' or 'sigmoid' (exp(-5 (1-t)^2))
-    transfer_mask: str = "none"  # 'none' or 'teacher_correct' (distil only where the teacher is right)
+    transfer_mask: str = "teacher_correct"  # or "none": distil only the samples the teacher gets right
     dml_weight: float = 1.0
     dml_tau: float = 1.0
     fitnet_weight: float = 100.0
