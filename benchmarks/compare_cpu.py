@@ -67,8 +67,15 @@ def serve_jax(a) -> None:
 
     if a.adapter == "1x1":
         patches.adapter_1x1()
-    patches.apply(a.patches)
-    jt = jax_timer(a.pair, a.batch_size, a.method, a.override)
+    names = [x for x in a.patches.split(",") if x and "=" not in x]
+    overrides = a.override + [x for x in a.patches.split(",") if "=" in x]  # 'key=value' items: config
+    patches.apply(",".join(names))
+    method = a.method
+    for o in list(overrides):
+        if o.startswith("method="):
+            method = o.split("=", 1)[1]
+            overrides.remove(o)
+    jt = jax_timer(a.pair, a.batch_size, method, overrides)
     first = min(jt.run(1), jt.run(1))
     flops = jt.flops or 0.0
     print(f"ready {first:.6f} {jt.compile_s:.3f} {flops:.0f} {os.environ.get('XLA_FLAGS', '')!r}", flush=True)
@@ -111,18 +118,22 @@ class Server:
 
 
 def start(args, spec, pair, bs) -> Server:
-    name, flags, patch_names = spec
+    kind, name, flags, extra = spec
     env = dict(os.environ)
-    if name == "torch":
-        cmd = [args.torch_python, str(HERE / "torch_step.py"), "--serve", "--pair", pair, "--batch_size", str(bs),
-               "--adapter", args.adapter, "--method", args.method, "--threads", str(args.threads), *args.torch_args]
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    pin = ["taskset", "-c", args.cpus] if args.cpus else []
+    if kind == "torch":
+        for assignment in filter(None, flags.split()):  # e.g. OMP_WAIT_POLICY=PASSIVE
+            k, v = assignment.split("=", 1)
+            env[k] = v
+        env.setdefault("OMP_NUM_THREADS", str(args.threads))
+        cmd = [*pin, args.torch_python, str(HERE / "torch_step.py"), "--serve", "--pair", pair, "--batch_size", str(bs),
+               "--adapter", args.adapter, "--method", args.method, "--threads", str(args.threads), *extra.split()]
         return Server(name, cmd, env)
     if flags != "default":
         env["EKD_JAX_XLA_DEFAULTS"] = "0"
         env["XLA_FLAGS"] = flags
-    cmd = [sys.executable, str(HERE / "compare_cpu.py"), "--serve_jax", "--pairs", pair, "--batch_sizes", str(bs),
-           "--method", args.method, "--adapter", args.adapter, f"--patches={patch_names}",
+    cmd = [*pin, sys.executable, str(HERE / "compare_cpu.py"), "--serve_jax", "--pairs", pair, "--batch_sizes", str(bs),
+           "--method", args.method, "--adapter", args.adapter, f"--patches={extra}",
            *[f"--override={o}" for o in args.override]]
     return Server(name, cmd, env)
 
@@ -136,6 +147,7 @@ def compare(args, contenders, pair: str, batch_size: int) -> dict:
         n = {s.name: max(1, round(args.chunk_seconds / s.first)) for s in servers}
         times = {s.name: [] for s in servers}
         util = {s.name: [] for s in servers}
+        cpu_t = {s.name: [] for s in servers}
         for r in range(args.rounds):
             order = servers[r % len(servers):] + servers[: r % len(servers)]
             if (r // len(servers)) % 2:
@@ -146,6 +158,7 @@ def compare(args, contenders, pair: str, batch_size: int) -> dict:
                 times[s.name].append(wall / n[s.name])
                 if cpu is not None:
                     util[s.name].append(cpu / wall)
+                    cpu_t[s.name].append(cpu / n[s.name])
     finally:
         for s in servers:
             s.close()
@@ -155,8 +168,9 @@ def compare(args, contenders, pair: str, batch_size: int) -> dict:
     for s, spec in zip(servers, contenders):
         med = statistics.median(times[s.name])
         res["contenders"][s.name] = {
-            "xla_flags": spec[1] if s.name != "torch" else None,
-            "patches": spec[2] if s.name != "torch" else None,
+            "kind": spec[0],
+            "xla_flags" if spec[0] == "jax" else "env": spec[2],
+            "patches" if spec[0] == "jax" else "torch_args": spec[3],
             "img_s": batch_size / med,
             "step_ms": 1e3 * med,
             "ratio": statistics.median(times[ref]) / med,
@@ -164,6 +178,10 @@ def compare(args, contenders, pair: str, batch_size: int) -> dict:
             "compile_s": s.compile_s,
             "gflops_per_step": s.flops / 1e9 if s.flops else None,
             "cpu_per_wall": statistics.median(util[s.name]) if util[s.name] else None,
+            "cpu_ms_per_step": 1e3 * statistics.median(cpu_t[s.name]) if cpu_t[s.name] else None,
+            "cpu_ratio": (statistics.median(cpu_t[ref]) / statistics.median(cpu_t[s.name])
+                          if cpu_t[s.name] and cpu_t[ref] else None),
+            "best_chunk_ratio": min(times[ref]) / min(times[s.name]),
             "chunk_ms": [round(1e3 * x, 1) for x in times[s.name]],
             "steps_per_chunk": n[s.name],
         }
@@ -178,14 +196,20 @@ def main():
     p.add_argument("--adapter", choices=("ekd", "1x1"), default="ekd")
     p.add_argument("--jax", action="append", metavar="NAME|FLAGS|PATCHES",
                    help="a JAX contender (repeatable): name, XLA_FLAGS ('default' = the project's defaults) and "
-                        "benchmarks/patches.py names, '|'-separated; default: 'ekd_jax|default|'")
+                        "benchmarks/patches.py names (and config key=value items, e.g. method=vanilla), "
+                        "'|'-separated; default: 'ekd_jax|default|'")
+    p.add_argument("--torch", action="append", metavar="NAME|ENV|ARGS",
+                   help="a PyTorch contender (repeatable): name, environment assignments (space-separated, e.g. "
+                        "'OMP_WAIT_POLICY=PASSIVE') and extra torch_step.py flags (e.g. '--channels_last'); "
+                        "default: 'torch||'")
     p.add_argument("--no_torch", action="store_true", help="leave PyTorch out (A/B of JAX variants)")
+    p.add_argument("--cpus", default=None, help="pin every contender to these CPUs (taskset -c), e.g. '0'; "
+                   "--threads should then match their number")
     p.add_argument("--rounds", type=int, default=6, help="alternation rounds (one chunk of each per round)")
     p.add_argument("--chunk_seconds", type=float, default=3.0)
     p.add_argument("--pause", type=float, default=0.2, help="seconds idle before each chunk")
     p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
     p.add_argument("--torch_python", default="/work/torchvenv/bin/python")
-    p.add_argument("--torch_args", nargs="*", default=[], help="extra torch_step.py flags, e.g. --channels_last")
     p.add_argument("--override", action="append", default=[], help="ekd_jax config key=value (repeatable)")
     p.add_argument("--out", default=None, help="append one JSON line per comparison to this file")
     p.add_argument("--serve_jax", action="store_true", help=argparse.SUPPRESS)
@@ -194,15 +218,20 @@ def main():
     if a.serve_jax:
         a.pair, a.batch_size = a.pairs, int(a.batch_sizes)
         return serve_jax(a)
-    jax_specs = []
-    for spec in a.jax or ["ekd_jax|default|"]:
-        parts = spec.split("|")
-        if len(parts) != 3:
-            p.error(f"--jax {spec!r}: expected NAME|FLAGS|PATCHES")
-        jax_specs.append(tuple(parts))
-    contenders = ([] if a.no_torch else [("torch", None, None)]) + jax_specs
+    def parse(kind, specs):
+        out = []
+        for spec in specs:
+            parts = spec.split("|")
+            if len(parts) != 3:
+                p.error(f"--{kind} {spec!r}: expected three '|'-separated fields")
+            out.append((kind, *parts))
+        return out
+
+    contenders = ([] if a.no_torch else parse("torch", a.torch or ["torch||"])) + parse("jax", a.jax or ["ekd_jax|default|"])
+    if len({c[1] for c in contenders}) != len(contenders):
+        p.error("contender names must differ")
     print(f"{'pair':22s} {'batch':>5s} {'contender':14s} {'img/s':>8s} {'ratio':>6s} {'rnd-ratio':>9s} "
-          f"{'compile s':>9s} {'cpu/wall':>8s}", flush=True)
+          f"{'compile s':>9s} {'cpu/wall':>8s} {'cpu-ratio':>9s} {'best-ratio':>10s}", flush=True)
     for pair in a.pairs.split(","):
         for bs in (int(b) for b in a.batch_sizes.split(",")):
             r = compare(a, contenders, pair, bs)
@@ -210,7 +239,8 @@ def main():
                 comp = "" if c["compile_s"] is None else f"{c['compile_s']:.1f}"
                 cpu = "" if c["cpu_per_wall"] is None else f"{c['cpu_per_wall']:.2f}"
                 print(f"{pair:22s} {bs:5d} {name:14s} {c['img_s']:8.1f} {c['ratio']:6.2f} "
-                      f"{c['ratio_per_round_median']:9.2f} {comp:>9s} {cpu:>8s}", flush=True)
+                      f"{c['ratio_per_round_median']:9.2f} {comp:>9s} {cpu:>8s} {c['cpu_ratio'] or 0:9.2f} "
+                      f"{c['best_chunk_ratio']:10.2f}", flush=True)
             print("# " + json.dumps(r), flush=True)
             if a.out:
                 with open(a.out, "a") as f:
