@@ -80,6 +80,52 @@ def relu_div():
     wrn.nn = _nn_with(relu=relu)
 
 
+def materialize(x):
+    """Bit-exact identity that XLA keeps in memory instead of recomputing it in each consumer.
+
+    ``x / one`` with ``one`` a runtime 1.0 (so it cannot be constant-folded away): XLA never
+    duplicates a float divide into several consumer fusions. The proposed models/common.py helper.
+    """
+    return x / _runtime_one(x)
+
+
+def materialize_blocks():
+    """``materialize`` on each residual block's output only (BasicBlock / Bottleneck of resnet.py).
+
+    The minimal form of relu_div, as proposed for ekd_jax/models/resnet.py.
+    """
+    import flax.linen as nn
+
+    from ekd_jax.models import resnet
+    from ekd_jax.models.resnet import BatchNorm, _shortcut, conv
+
+    class BasicBlock(resnet.BasicBlock):
+        @nn.compact
+        def __call__(self, x, train):
+            y = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv1")(x)
+            y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
+            y = conv(self.features, 3, dtype=self.dtype, name="conv2")(y)
+            y = BatchNorm(dtype=self.dtype, name="bn2")(y, train)
+            pre = y + _shortcut(x, self.features, self.stride, train, self.dtype)
+            return materialize(nn.relu(pre)), pre
+
+    class Bottleneck(resnet.Bottleneck):
+        @nn.compact
+        def __call__(self, x, train):
+            out_features = self.features * self.expansion
+            y = conv(self.features, 1, dtype=self.dtype, name="conv1")(x)
+            y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
+            y = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv2")(y)
+            y = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(y, train))
+            y = conv(out_features, 1, dtype=self.dtype, name="conv3")(y)
+            y = BatchNorm(dtype=self.dtype, name="bn3")(y, train)
+            pre = y + _shortcut(x, out_features, self.stride, train, self.dtype)
+            return materialize(nn.relu(pre)), pre
+
+    resnet._BLOCKS["basic"] = BasicBlock
+    resnet._BLOCKS["bottleneck"] = Bottleneck
+
+
 def _make_bn(fast_var: bool, custom_grad: bool):
     """A drop-in for models.common.BatchNorm (same variables, same running-stat update)."""
     import math
@@ -178,6 +224,7 @@ PATCHES = {
     "adapter_1x1": adapter_1x1,
     "barrier": barrier,
     "relu_div": relu_div,
+    "materialize_blocks": materialize_blocks,
     "bn_fast": bn_fast,
     "bn_vjp": bn_vjp,
     "bn_fast_vjp": bn_fast_vjp,
