@@ -129,6 +129,10 @@ def start(args, spec, pair, bs) -> Server:
         cmd = [*pin, args.torch_python, str(HERE / "torch_step.py"), "--serve", "--pair", pair, "--batch_size", str(bs),
                "--adapter", args.adapter, "--method", args.method, "--threads", str(args.threads), *extra.split()]
         return Server(name, cmd, env)
+    for token in [t for t in flags.split() if t.startswith("env:")]:  # e.g. env:GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+        k, v = token[len("env:"):].split("=", 1)
+        env[k] = v
+    flags = " ".join(t for t in flags.split() if not t.startswith("env:")) if "env:" in flags else flags
     if flags != "default":
         env["EKD_JAX_XLA_DEFAULTS"] = "0"
         env["XLA_FLAGS"] = flags
@@ -195,7 +199,8 @@ def main():
     p.add_argument("--method", choices=("ekd", "vanilla"), default="ekd")
     p.add_argument("--adapter", choices=("ekd", "1x1"), default="ekd")
     p.add_argument("--jax", action="append", metavar="NAME|FLAGS|PATCHES",
-                   help="a JAX contender (repeatable): name, XLA_FLAGS ('default' = the project's defaults) and "
+                   help="a JAX contender (repeatable): name, XLA_FLAGS ('default' = the project's defaults; tokens "
+                        "'env:K=V' set environment variables instead) and "
                         "benchmarks/patches.py names (and config key=value items, e.g. method=vanilla), "
                         "'|'-separated; default: 'ekd_jax|default|'")
     p.add_argument("--torch", action="append", metavar="NAME|ENV|ARGS",

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 
-# flag name -> value. The YNN fusions are experimental and slow the thin convolutions of the
-# CIFAR zoo on CPU (docs/performance.md); an empty list disables them.
+# flag name -> value (docs/performance.md has the measurements and commands).
+# YNNPACK fusions: jaxlib 0.10.2 by default hands convolutions, dots and reductions to YNNPACK;
+# its convolutions are much slower than XLA's own (Eigen) ones for the CIFAR zoo, its reductions
+# (BatchNorm statistics) faster. Keep the reductions only.
 CPU_DEFAULTS: dict[str, str] = {
-    "--xla_cpu_experimental_ynn_fusion_type": "",
+    "--xla_cpu_experimental_ynn_fusion_type": "reduce",
 }
 
 
