@@ -24,14 +24,15 @@ import os
 import pathlib
 import platform
 import statistics
-import sys
+
 import time
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 import ekd_jax  # noqa: F401  (applies the XLA CPU defaults before jax starts)
+from ekd_jax import cli
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).", lock_config=True)
@@ -249,42 +250,19 @@ def run_bench(
 # --------------------------------------------------------------------------- command line
 
 
-def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _parse(argv: list[str]) -> list[str]:
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e).replace("\n", " "))
-    except (KeyError, AttributeError, ValueError, TypeError, FileNotFoundError, OSError) as e:
-        _fail(f"bad --config or override: {str(e).strip(chr(34)).splitlines()[0]}")
-    if FLAGS.config is None:
-        _fail("--config is required, e.g. --config configs/cifar.py:cifar100,resnet56-resnet20")
-    return rest
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; options take the form --name=value")
-    logging.set_verbosity(logging.WARNING)
-    try:
-        result = run_bench(
-            _CONFIG.value,
-            num_classes=FLAGS.num_classes,
-            image_size=FLAGS.image_size,
-            channels=FLAGS.channels,
-            chunks=FLAGS.chunks,
-            steps_per_chunk=FLAGS.steps_per_chunk,
-            chunk_seconds=FLAGS.chunk_seconds,
-            warmup_steps=FLAGS.warmup_steps,
-            student_alone=FLAGS.student_alone,
-            peak_gflops=FLAGS.peak_gflops,
-        )
-    except ValueError as e:  # BenchError and the trainer's own validation (models, methods, ...)
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+def main() -> None:
+    result = run_bench(
+        _CONFIG.value,
+        num_classes=FLAGS.num_classes,
+        image_size=FLAGS.image_size,
+        channels=FLAGS.channels,
+        chunks=FLAGS.chunks,
+        steps_per_chunk=FLAGS.steps_per_chunk,
+        chunk_seconds=FLAGS.chunk_seconds,
+        warmup_steps=FLAGS.warmup_steps,
+        student_alone=FLAGS.student_alone,
+        peak_gflops=FLAGS.peak_gflops,
+    )
     text = json.dumps(result)
     if FLAGS.out:
         try:
@@ -292,9 +270,10 @@ def main(argv: list[str]) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text + "\n")
         except OSError as e:
-            _fail(f"cannot write --out {FLAGS.out}: {e}")
+            raise ValueError(f"cannot write --out {FLAGS.out}: {e}") from e
     print(text)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse)
+    # ValueError covers BenchError and the trainer's own validation (models, methods, ...).
+    cli.run(main, required=("config",))
