@@ -24,7 +24,6 @@ import os
 import pathlib
 import platform
 import statistics
-
 import time
 from typing import Any
 
