@@ -1,12 +1,16 @@
 """EKD ablation on one scenario (docs/results.md): each variant one run, results written as they come.
 
   python benchmarks/ablation.py --config configs/study.py:few100 --workdir runs/ablation \
-      [--config.data.source=npz:/path/to/cifar10_small.npz] [--only name1,name2]
+      [--config.data.source=npz:/path/to/cifar10_small.npz] [--only name1,name2] [--seeds 0,1,2]
+
+Each (variant, seed) trains in ``<workdir>/<variant>`` (seed 0) or ``<workdir>/<variant>_s<seed>``;
+seeds run outermost, so every variant has seed 0 before any has seed 1. The table reports the
+mean and standard deviation over the seeds finished so far.
 """
 
 import json
 import pathlib
-import sys
+import statistics
 
 from absl import app, flags, logging
 
@@ -16,6 +20,7 @@ from ekd_jax import compare
 FLAGS = flags.FLAGS  # --config and --workdir come from ekd_jax.compare
 _CONFIG = compare._CONFIG
 flags.DEFINE_list("only", [], "Run only these variants.")
+# compare defines --seeds (default 0,1); read it here too.
 
 # METHOD.md as written: transfer at full weight from step 0, raw features, element-mean MSE.
 # Every variant is spelled out against it, so the table does not move when the defaults do.
@@ -38,6 +43,11 @@ VARIANTS = {
     "ekd_late_norm": {"method": "ekd", **LATE_NORM},
     "ekd_late_norm_mask": {"method": "ekd", **LATE_NORM, "loss.transfer_mask": "teacher_correct"},
     "ekd_late_norm_coevo_tau1": {"method": "ekd", **LATE_NORM, "loss.gamma": 1.0, "loss.tau": 1.0},
+    # Transfer from step 0, each sample weighted by how far the teacher is ahead on it,
+    # max(0, p_T(y) - p_S(y)): no hand-set schedule; nothing flows while the teacher is no better.
+    "ekd_ahead_norm": {"method": "ekd", **RAMP_NORM, "loss.ramp_length": 0.0, "loss.transfer_mask": "teacher_ahead"},
+    "ekd_ahead_norm_coevo_tau1": {"method": "ekd", **RAMP_NORM, "loss.ramp_length": 0.0,
+                                  "loss.transfer_mask": "teacher_ahead", "loss.gamma": 1.0, "loss.tau": 1.0},
 }
 
 
@@ -54,24 +64,48 @@ def main(argv):
     root = pathlib.Path(FLAGS.workdir)
     root.mkdir(parents=True, exist_ok=True)
     names = FLAGS.only or list(VARIANTS)
-    rows = {}
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; available: {', '.join(VARIANTS)}")
+    seeds = [int(s) for s in FLAGS.seeds]
+    runs: dict[str, dict[int, dict]] = {}
     table_path = root / "ablation.json"
     if table_path.exists():
-        rows = json.loads(table_path.read_text())
-    for name in names:
-        s = compare.run_one(apply(_CONFIG.value, VARIANTS[name]), root / name)
-        rows[name] = {
-            "overrides": VARIANTS[name], "student_top1": s["student_top1"], "best_student_top1": s["best_student_top1"],
-            "teacher_top1": s["teacher_top1"], "wall_s": s["wall_s"],
-        }
-        table_path.write_text(json.dumps(rows, indent=1))
-        lines = ["| variant | student top-1 | best | teacher top-1 | overrides |", "|---|---|---|---|---|"]
-        for n, r in rows.items():
-            t = "–" if r["teacher_top1"] is None else f"{100 * r['teacher_top1']:.2f}"
-            lines.append(f"| {n} | {100 * r['student_top1']:.2f} | {100 * r['best_student_top1']:.2f} | {t} | {r['overrides']} |")
-        (root / "ablation.md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines), flush=True)
+        runs = {n: {int(k): v for k, v in r.items()} for n, r in json.loads(table_path.read_text()).get("runs", {}).items()}
+    for seed in seeds:
+        for name in names:
+            c = apply(_CONFIG.value, VARIANTS[name])
+            c.seed = seed
+            s = compare.run_one(c, root / (name if seed == 0 else f"{name}_s{seed}"))
+            runs.setdefault(name, {})[seed] = {
+                "student_top1": s["student_top1"], "best_student_top1": s["best_student_top1"],
+                "teacher_top1": s["teacher_top1"], "wall_s": s["wall_s"],
+            }
+            write_table(runs, root)
 
+
+def _fmt(xs):
+    xs = [100 * x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}"
+    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+
+
+def write_table(runs: dict[str, dict[int, dict]], root: pathlib.Path) -> None:
+    (root / "ablation.json").write_text(json.dumps(
+        {"variants": {n: VARIANTS.get(n) for n in runs}, "runs": runs}, indent=1))
+    lines = ["| variant | seeds | student top-1 | student best | teacher top-1 | per seed | overrides |",
+             "|---|---|---|---|---|---|---|"]
+    for n, by_seed in runs.items():
+        rs = [by_seed[k] for k in sorted(by_seed)]
+        per = ", ".join(f"{100 * r['student_top1']:.2f}" for r in rs)
+        lines.append(f"| {n} | {','.join(map(str, sorted(by_seed)))} | {_fmt([r['student_top1'] for r in rs])} | "
+                     f"{_fmt([r['best_student_top1'] for r in rs])} | {_fmt([r['teacher_top1'] for r in rs])} | "
+                     f"{per} | `{json.dumps(VARIANTS.get(n))}` |")
+    (root / "ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])

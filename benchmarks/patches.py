@@ -63,7 +63,7 @@ def _runtime_one(x):
 
 
 def relu_div():
-    """Every ReLU of the ResNet/WRN zoo becomes ``relu(x) / one`` with ``one`` a runtime 1.0.
+    """(Now in the models as ``models.common.relu``; applying this on top divides twice.) Every ReLU of the ResNet/WRN zoo becomes ``relu(x) / one`` with ``one`` a runtime 1.0.
 
     The division is exact (x / 1.0 == x) and costs one vector op inside a fusion that exists anyway,
     but XLA counts a float divide as *expensive* and never duplicates an expensive instruction into
@@ -236,3 +236,17 @@ def apply(names: str) -> None:
         if name not in PATCHES:
             raise SystemExit(f"error: unknown patch {name!r}; known: {', '.join(PATCHES)}")
         PATCHES[name]()
+
+
+def plain_relu():
+    """Undo ``materialize``: the ResNet/WRN zoo with plain ``nn.relu`` (the models before the change).
+
+    The A/B of docs/performance.md's main finding on a given machine:
+    ``compare_cpu.py --no_torch --jax 'mat|default|' --jax 'plain|default|plain_relu'``.
+    """
+    import flax.linen as nn
+
+    from ekd_jax.models import resnet, wrn
+
+    resnet.relu = nn.relu
+    wrn.relu = nn.relu

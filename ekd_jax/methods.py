@@ -40,7 +40,10 @@ class LossConfig:
     ramp_start: float = 0.5  # fraction of training before any transfer (the online teacher pulls ahead first)
     ramp_length: float = 0.2  # fraction of training over which transfer weight goes 0 -> 1
     ramp_shape: str = "linear"  # 'linear' or 'sigmoid' (exp(-5 (1-t)^2))
-    transfer_mask: str = "teacher_correct"  # or "none": distil only the samples the teacher gets right
+    # Per-sample transfer weight: "none" (1), "teacher_correct" (1 where the teacher's top-1 is right,
+    # else 0) or "teacher_ahead" (max(0, p_T(y) - p_S(y)): how much more probability the teacher
+    # puts on the true label than the student, so a teacher no better than the student transfers nothing).
+    transfer_mask: str = "teacher_correct"
     dml_weight: float = 1.0
     dml_tau: float = 1.0
     fitnet_weight: float = 100.0
@@ -86,9 +89,14 @@ class Method:
 
 
 def _mask(cfg: LossConfig, o: Outputs):
+    """Per-sample transfer weights (N,) or None; never differentiated (a weight, not a target)."""
     if cfg.transfer_mask == "none":
         return None
-    return (jnp.argmax(o.teacher_logits, -1) == o.labels).astype(jnp.float32)
+    if cfg.transfer_mask == "teacher_ahead":
+        p_t = jnp.take_along_axis(jax.nn.softmax(sg(o.teacher_logits).astype(jnp.float32)), o.labels[:, None], -1)
+        p_s = jnp.take_along_axis(jax.nn.softmax(sg(o.student_logits).astype(jnp.float32)), o.labels[:, None], -1)
+        return jnp.maximum(p_t - p_s, 0.0)[:, 0]
+    return (jnp.argmax(sg(o.teacher_logits), -1) == o.labels).astype(jnp.float32)
 
 
 def _stage_weights(cfg: LossConfig, n: int) -> tuple[float, ...]:

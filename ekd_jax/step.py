@@ -91,7 +91,7 @@ def build_networks(
     for name, value, valid in (
         ("loss.feature_reduction", loss_cfg.feature_reduction, ("mean", "sum")),
         ("loss.ramp_shape", loss_cfg.ramp_shape, ("linear", "sigmoid")),
-        ("loss.transfer_mask", loss_cfg.transfer_mask, ("none", "teacher_correct")),
+        ("loss.transfer_mask", loss_cfg.transfer_mask, ("none", "teacher_correct", "teacher_ahead")),
     ):
         if value not in valid:
             raise ValueError(f"{name}={value!r} is not valid; use one of {valid}")

@@ -92,3 +92,45 @@ def test_batchnorm_running_var_is_unbiased_like_pytorch():
 def test_unknown_model_lists_available():
     with pytest.raises(ValueError, match="unknown model 'resnet21'.*Available models: .*resnet20"):
         models.create_model("resnet21", num_classes=10)
+
+
+def test_materialize_is_an_exact_identity_with_identity_gradient():
+    from ekd_jax.models.common import materialize
+
+    x = jax.random.normal(jax.random.key(0), (4, 5, 5, 3))
+    for first in (1.5, jnp.inf, -jnp.inf, jnp.nan):  # the runtime 1.0 must stay 1.0 whatever x holds
+        xi = x.at[0, 0, 0, 0].set(first)
+        np.testing.assert_array_equal(np.asarray(jax.jit(materialize)(xi)), np.asarray(xi))
+    g = jax.random.normal(jax.random.key(1), x.shape)
+    _, vjp = jax.vjp(materialize, x)
+    np.testing.assert_array_equal(np.asarray(jax.jit(vjp)(g)[0]), np.asarray(g))
+    for dtype in (jnp.bfloat16, jnp.float16):
+        xd = x.astype(dtype)
+        np.testing.assert_array_equal(np.asarray(materialize(xd)), np.asarray(xd))
+
+
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1"])
+def test_materialized_relu_leaves_outputs_and_gradients_bitwise_unchanged(name, monkeypatch):
+    """models use common.relu (materialised, for XLA:CPU speed); plain nn.relu must give the same bits."""
+    import flax.linen as nn
+
+    from ekd_jax.models import resnet, wrn
+
+    model = models.create_model(name, num_classes=10)
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    variables = model.init(jax.random.key(1), x, train=False)
+
+    def loss_and_grad():
+        def loss(params):
+            (logits, feats), _ = model.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
+            return jnp.sum(logits**2) + sum(jnp.sum(f) for f in feats[1:-1]), (logits, feats)
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+    got = loss_and_grad()
+    monkeypatch.setattr(resnet, "relu", nn.relu)
+    monkeypatch.setattr(wrn, "relu", nn.relu)
+    want = loss_and_grad()
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)

@@ -153,6 +153,29 @@ def test_transfer_ramp():
     np.testing.assert_allclose(w, [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
 
 
+def test_transfer_masks():
+    labels = jnp.asarray([0, 1, 2])
+    teacher = jnp.log(jnp.asarray([[0.7, 0.2, 0.1], [0.5, 0.4, 0.1], [0.1, 0.1, 0.8]]))
+    student = jnp.log(jnp.asarray([[0.2, 0.7, 0.1], [0.1, 0.6, 0.3], [0.1, 0.1, 0.8]]))
+    o = methods.Outputs(labels=labels, teacher_logits=teacher, student_logits=student)
+    mask = lambda kind: methods._mask(methods.LossConfig(transfer_mask=kind), o)  # noqa: E731
+    assert mask("none") is None
+    np.testing.assert_array_equal(mask("teacher_correct"), [1.0, 0.0, 1.0])
+    # p_T(y) - p_S(y), floored at 0: ahead by 0.5 on sample 0, behind on 1, level on 2.
+    np.testing.assert_allclose(mask("teacher_ahead"), [0.5, 0.0, 0.0], atol=1e-6)
+    # A weight, not a target: no gradient flows through it to either network's logits.
+    g = jax.grad(lambda t, s: jnp.sum(methods._mask(methods.LossConfig(transfer_mask="teacher_ahead"),
+                                                     methods.Outputs(labels, t, student_logits=s))), (0, 1))
+    assert _all_zero(g(teacher, student))
+
+
+def test_teacher_ahead_mask_trains():
+    config = helpers.tiny_config("ekd", **{"loss.transfer_mask": "teacher_ahead"})
+    nets, tx, state, mesh = helpers.build(config)
+    _, metrics = helpers.run_steps(nets, tx, state, mesh, 2)
+    assert all(np.isfinite(m["loss"]) for m in metrics)
+
+
 MULTI_DEVICE_SCRIPT = r"""
 import os, sys
 sys.path.insert(0, os.environ["TESTS_DIR"])

@@ -19,7 +19,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from ekd_jax.models.common import BatchNorm, Dtype, TorchDense, conv, global_avg_pool
+from ekd_jax.models.common import BatchNorm, Dtype, TorchDense, conv, global_avg_pool, relu
 
 
 def _shortcut(x: jax.Array, features: int, stride: int, train: bool, dtype: Dtype | None) -> jax.Array:
@@ -47,11 +47,11 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
         y = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv1")(x)
-        y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
+        y = relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
         y = conv(self.features, 3, dtype=self.dtype, name="conv2")(y)
         y = BatchNorm(dtype=self.dtype, name="bn2")(y, train)
         pre = y + _shortcut(x, self.features, self.stride, train, self.dtype)
-        return nn.relu(pre), pre
+        return relu(pre), pre
 
 
 class Bottleneck(nn.Module):
@@ -70,13 +70,13 @@ class Bottleneck(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
         out_features = self.features * self.expansion
         y = conv(self.features, 1, dtype=self.dtype, name="conv1")(x)
-        y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
+        y = relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
         y = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv2")(y)
-        y = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(y, train))
+        y = relu(BatchNorm(dtype=self.dtype, name="bn2")(y, train))
         y = conv(out_features, 1, dtype=self.dtype, name="conv3")(y)
         y = BatchNorm(dtype=self.dtype, name="bn3")(y, train)
         pre = y + _shortcut(x, out_features, self.stride, train, self.dtype)
-        return nn.relu(pre), pre
+        return relu(pre), pre
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -105,7 +105,7 @@ class ResNet(nn.Module):
     ) -> tuple[jax.Array, list[jax.Array]]:
         block_cls = _BLOCKS[self.block]
         x = conv(self.stem_width, 3, dtype=self.dtype, name="stem_conv")(x)
-        x = nn.relu(BatchNorm(dtype=self.dtype, name="stem_bn")(x, train))
+        x = relu(BatchNorm(dtype=self.dtype, name="stem_bn")(x, train))
         features = [x]
         for s, (width, depth) in enumerate(zip(self.widths, self.depths), start=1):
             for b in range(depth):

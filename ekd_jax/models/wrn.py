@@ -16,7 +16,7 @@ import functools
 import flax.linen as nn
 import jax
 
-from ekd_jax.models.common import BatchNorm, Dtype, TorchDense, conv, global_avg_pool
+from ekd_jax.models.common import BatchNorm, Dtype, TorchDense, conv, global_avg_pool, relu
 
 
 class WideBasicBlock(nn.Module):
@@ -48,9 +48,9 @@ class WideBasicBlock(nn.Module):
         return self.bn1(x, train)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        a = nn.relu(self.bn1(x, train))
+        a = relu(self.bn1(x, train))
         y = self.conv1(a)
-        y = self.conv2(nn.relu(self.bn2(y, train)))
+        y = self.conv2(relu(self.bn2(y, train)))
         shortcut = x if self.in_features == self.features else self.shortcut_conv(a)
         return shortcut + y
 
@@ -89,7 +89,7 @@ class WideResNet(nn.Module):
             features.append(x)
 
         final_bn = BatchNorm(dtype=self.dtype, name="final_bn")
-        x = global_avg_pool(nn.relu(final_bn(x, train)))
+        x = global_avg_pool(relu(final_bn(x, train)))
         features.append(x)
         logits = TorchDense(
             self.num_classes, bias_init=nn.initializers.zeros, dtype=self.dtype, name="fc"
