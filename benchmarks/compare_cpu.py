@@ -5,7 +5,7 @@
   # A/B of XLA flags or patches (no torch): each --jax is NAME|FLAGS|PATCHES; FLAGS 'default' =
   # the project's defaults (ekd_jax/xla_setup.py), anything else replaces XLA_FLAGS (EKD_JAX_XLA_DEFAULTS=0).
   .venv/bin/python benchmarks/compare_cpu.py --no_torch --jax 'base|default|' \
-      --jax 'nofuse|--xla_disable_hlo_passes=fusion|' --jax 'div|default|relu_div'
+      --jax 'nofuse|--xla_disable_hlo_passes=fusion|' --jax 'plain|default|plain_relu'
 
 The machine is shared and noisy, so contenders are never timed minutes apart: each runs in its
 own subprocess (PyTorch via ``torch_step.py --serve`` in its own venv, each JAX variant via this

@@ -220,24 +220,6 @@ def bn_fast_vjp():
     _install_bn(_make_bn(fast_var=True, custom_grad=True))
 
 
-PATCHES = {
-    "adapter_1x1": adapter_1x1,
-    "barrier": barrier,
-    "relu_div": relu_div,
-    "materialize_blocks": materialize_blocks,
-    "bn_fast": bn_fast,
-    "bn_vjp": bn_vjp,
-    "bn_fast_vjp": bn_fast_vjp,
-}
-
-
-def apply(names: str) -> None:
-    for name in filter(None, (n.strip() for n in names.split(","))):
-        if name not in PATCHES:
-            raise SystemExit(f"error: unknown patch {name!r}; known: {', '.join(PATCHES)}")
-        PATCHES[name]()
-
-
 def plain_relu():
     """Undo ``materialize``: the ResNet/WRN zoo with plain ``nn.relu`` (the models before the change).
 
@@ -250,3 +232,23 @@ def plain_relu():
 
     resnet.relu = nn.relu
     wrn.relu = nn.relu
+
+
+PATCHES = {
+    "adapter_1x1": adapter_1x1,
+    "barrier": barrier,
+    "relu_div": relu_div,
+    "materialize_blocks": materialize_blocks,
+    "bn_fast": bn_fast,
+    "bn_vjp": bn_vjp,
+    "bn_fast_vjp": bn_fast_vjp,
+    "plain_relu": plain_relu,
+}
+
+
+def apply(names: str) -> None:
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        if name not in PATCHES:
+            raise SystemExit(f"error: unknown patch {name!r}; known: {', '.join(PATCHES)}")
+        PATCHES[name]()
+
