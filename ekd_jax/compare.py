@@ -73,28 +73,55 @@ def _mean_std(xs):
     return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
 
 
+def _paired_difference(runs: list[dict], base: list[dict]) -> tuple[float | None, float | None, int]:
+    """Mean and standard error of (student top-1 - baseline's) over the seeds both have.
+
+    The same seed gives both runs the same student initialisation and the same batches, so the
+    per-seed difference removes most of the seed-to-seed spread that the two means carry.
+    """
+    by_seed = {r["config"]["seed"]: r["student_top1"] for r in base}
+    d = [r["student_top1"] - by_seed[r["config"]["seed"]] for r in runs if r["config"]["seed"] in by_seed]
+    if not d:
+        return None, None, 0
+    return float(np.mean(d)), (float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None), len(d)
+
+
+def _fmt(m: float | None, s: float | None, sign: str = "") -> str:
+    if m is None:
+        return "–"
+    return f"{100 * m:{sign}.2f}" if s is None else f"{100 * m:{sign}.2f} ± {100 * s:.2f}"
+
+
 def write_results(results: dict[str, list[dict]], config, root: pathlib.Path) -> None:
     rows, table = [], {}
+    base = results.get("vanilla") or []
     for method, runs in results.items():
         if not runs:
             continue
         s_m, s_s = _mean_std([r["student_top1"] for r in runs])
         b_m, b_s = _mean_std([r["best_student_top1"] for r in runs])
         t_m, t_s = _mean_std([r["teacher_top1"] for r in runs])
+        d_m, d_se, d_n = _paired_difference(runs, base) if method != "vanilla" else (None, None, 0)
         table[method] = {
             "student_top1_mean": s_m, "student_top1_std": s_s, "best_student_top1_mean": b_m,
             "teacher_top1_mean": t_m, "teacher_top1_std": t_s, "n": len(runs),
             "student_top1": [r["student_top1"] for r in runs], "seeds": [r["config"]["seed"] for r in runs],
+            "minus_vanilla_mean": d_m, "minus_vanilla_se": d_se, "minus_vanilla_n": d_n,
         }
-        fmt = lambda m, s: "–" if m is None else f"{100 * m:.2f} ± {100 * s:.2f}"  # noqa: E731
-        rows.append(f"| {method} | {fmt(s_m, s_s)} | {fmt(b_m, b_s or 0.0)} | {fmt(t_m, t_s)} | {len(runs)} |")
+        one = len(runs) == 1  # no spread to report from one run
+        rows.append(
+            f"| {method} | {_fmt(s_m, None if one else s_s)} | {_fmt(b_m, None if one else b_s)} | "
+            f"{_fmt(t_m, None if one else t_s)} | {_fmt(d_m, d_se, '+')} | {len(runs)} |"
+        )
     any_run = next(r for runs in results.values() for r in runs)
     head = (
         f"# Comparison: {config.teacher.model} -> {config.student.model} on {config.data.source}\n\n"
         f"train {any_run['train_size']} / test {any_run['test_size']} images, {config.num_epochs} epochs, "
         f"student input {any_run['student_input_shape']}, teacher input {any_run['teacher_input_shape']}; "
-        "top-1 in %, mean ± std over seeds (final epoch; 'best' = best epoch).\n\n"
-        "| method | student top-1 | student best | teacher top-1 | runs |\n|---|---|---|---|---|\n"
+        "top-1 in %, mean ± std over seeds (final epoch; 'best' = best epoch); 'student - vanilla': "
+        "mean ± standard error of the per-seed difference to the vanilla student of the same seed.\n\n"
+        "| method | student top-1 | student best | teacher top-1 | student - vanilla | runs |\n"
+        "|---|---|---|---|---|---|\n"
     )
     (root / "results.md").write_text(head + "\n".join(rows) + "\n")
     (root / "results.json").write_text(json.dumps(table, indent=1))

@@ -190,3 +190,6 @@ def test_compare_runner_writes_table_and_runs_teacher_first(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 1000
     stored = json.loads((tmp_path / "results.json").read_text())
     assert stored["vanilla"]["student_top1"] == [results["vanilla"][0]["student_top1"]]
+    # The paired difference is kd's student minus vanilla's student of the same seed.
+    diff = results["kd"][0]["student_top1"] - results["vanilla"][0]["student_top1"]
+    assert stored["kd"]["minus_vanilla_n"] == 1 and stored["kd"]["minus_vanilla_mean"] == pytest.approx(diff)
