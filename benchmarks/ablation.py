@@ -53,6 +53,9 @@ VARIANTS = {
     # guided feature term: EKD as a superset of the strongest online baseline.
     "ekd_dml_feat": {"method": "ekd", "loss.feature_norm": True, "loss.feature_reduction": "sum",
                      "loss.gamma": 1.0, "loss.tau": 1.0, "loss.transfer_mask": "none"},
+    # The same, but the feature term only late (as in the defaults): DML's logit terms from step 0.
+    "ekd_dml_latefeat": {"method": "ekd", **LATE_NORM, "loss.kd_ramp_start": 0.0, "loss.kd_ramp_length": 0.0,
+                         "loss.gamma": 1.0, "loss.tau": 1.0, "loss.transfer_mask": "none"},
 }
 
 

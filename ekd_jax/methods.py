@@ -40,6 +40,10 @@ class LossConfig:
     ramp_start: float = 0.5  # fraction of training before any transfer (the online teacher pulls ahead first)
     ramp_length: float = 0.2  # fraction of training over which transfer weight goes 0 -> 1
     ramp_shape: str = "linear"  # 'linear' or 'sigmoid' (exp(-5 (1-t)^2))
+    # The logit (KD) term's own schedule; negative = the ramp above (both terms on one schedule).
+    # (A number, not None, so that --config.loss.kd_ramp_start=0 works on the command line.)
+    kd_ramp_start: float = -1.0
+    kd_ramp_length: float = -1.0
     # Per-sample transfer weight: "none" (1), "teacher_correct" (1 where the teacher's top-1 is right,
     # else 0) or "teacher_ahead" (max(0, p_T(y) - p_S(y)): how much more probability the teacher
     # puts on the true label than the student, so a teacher no better than the student transfers nothing).
@@ -51,11 +55,15 @@ class LossConfig:
     at_p: float = 2.0
 
 
-def transfer_weight(cfg: LossConfig, progress: jax.Array) -> jax.Array:
-    """Weight in [0, 1] of the transfer terms at training progress in [0, 1]."""
-    if cfg.ramp_length <= 0:
-        return (progress >= cfg.ramp_start).astype(jnp.float32)
-    t = jnp.clip((progress - cfg.ramp_start) / cfg.ramp_length, 0.0, 1.0)
+def transfer_weight(cfg: LossConfig, progress: jax.Array, term: str = "features") -> jax.Array:
+    """Weight in [0, 1] of a transfer term ('features' or 'kd') at training progress in [0, 1]."""
+    start, length = cfg.ramp_start, cfg.ramp_length
+    if term == "kd":
+        start = start if cfg.kd_ramp_start < 0 else cfg.kd_ramp_start
+        length = length if cfg.kd_ramp_length < 0 else cfg.kd_ramp_length
+    if length <= 0:
+        return (progress >= start).astype(jnp.float32)
+    t = jnp.clip((progress - start) / length, 0.0, 1.0)
     if cfg.ramp_shape == "sigmoid":
         return jnp.where(t >= 1.0, 1.0, jnp.exp(-5.0 * jnp.square(1.0 - t)) * (t > 0))
     return t
@@ -164,7 +172,7 @@ def _ekd(o, cfg, progress):
             o.teacher_logits, sg(o.student_logits), cfg.tau
         )
     if cfg.alpha:
-        terms["student/kd"] = cfg.alpha * w * losses.kl_divergence(
+        terms["student/kd"] = cfg.alpha * transfer_weight(cfg, progress, "kd") * losses.kl_divergence(
             o.student_logits, tgt(o.teacher_logits), cfg.tau, mask
         )
     if cfg.beta and o.guide is not None:

@@ -151,6 +151,12 @@ def test_transfer_ramp():
     cfg = methods.LossConfig(ramp_start=0.1, ramp_length=0.4)
     w = [float(methods.transfer_weight(cfg, jnp.asarray(p))) for p in (0.0, 0.1, 0.3, 0.5, 0.9)]
     np.testing.assert_allclose(w, [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
+    # The KD term follows the same ramp unless it has its own.
+    kd = [float(methods.transfer_weight(cfg, jnp.asarray(p), "kd")) for p in (0.0, 0.3)]
+    np.testing.assert_allclose(kd, [0.0, 0.5], atol=1e-6)
+    own = methods.LossConfig(ramp_start=0.5, ramp_length=0.2, kd_ramp_start=0.0, kd_ramp_length=0.0)
+    assert float(methods.transfer_weight(own, jnp.asarray(0.0), "kd")) == 1.0
+    assert float(methods.transfer_weight(own, jnp.asarray(0.0), "features")) == 0.0
 
 
 def test_transfer_masks():
