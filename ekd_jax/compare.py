@@ -35,11 +35,12 @@ def _summary(path: pathlib.Path) -> dict | None:
 
 
 def run_one(config, workdir: pathlib.Path) -> dict:
+    from ekd_jax import config as config_lib
     from ekd_jax import train
 
     done = _summary(workdir)
-    if done is not None and done.get("config") == json.loads(config.to_json_best_effort()):
-        return done  # finished with exactly this config
+    if done is not None and not config_lib.config_difference(done["config"], json.loads(config.to_json_best_effort())):
+        return done  # finished with this config (switches added since then at their defaults)
     return train.train_and_evaluate(config, str(workdir))
 
 

@@ -7,6 +7,7 @@ Where a value is our reading of the paper rather than the paper's, METHOD.md and
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import ml_collections
 
@@ -58,3 +59,28 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_keep = 2  # latest N kept, plus the best by student top-1
     c.async_checkpoint = True
     return c
+
+
+def config_difference(stored: dict, current: dict) -> list[str]:
+    """Dotted keys where a run's stored config (JSON dict) and the current one differ.
+
+    A key the stored config lacks is not a difference when the current value is that key's
+    :func:`base_config` default: it is a switch added to the project after the run started, and
+    every new switch's default keeps the earlier behaviour (the project's rule for new options),
+    so a run from before it is resumed or reused rather than refused.
+    """
+    defaults = json.loads(base_config().to_json_best_effort())
+    missing = object()
+
+    def walk(a, b, d, prefix):
+        for k in sorted(set(a) | set(b)):
+            va, vb = a.get(k, missing), b.get(k, missing)
+            dk = d.get(k, missing) if isinstance(d, dict) else missing
+            if isinstance(va, dict) and isinstance(vb, dict):
+                yield from walk(va, vb, dk, f"{prefix}{k}.")
+            elif va is missing and dk is not missing and vb == dk:
+                continue
+            elif va != vb:
+                yield f"{prefix}{k}"
+
+    return list(walk(stored, current, defaults, ""))

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from ekd_jax import checkpoint, data, parallel, step
+from ekd_jax import config as config_lib
 from ekd_jax.models import create_model
 
 log = logging.getLogger(__name__)
@@ -201,8 +202,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         config_json = json.loads(config.to_json_best_effort())
         if restored is not None:
             state, meta = restored
-            if meta.get("config", config_json) != config_json:
-                diff = sorted(_config_diff(meta["config"], config_json))
+            diff = config_lib.config_difference(meta.get("config", config_json), config_json)
+            if diff:
                 raise ValueError(
                     f"{workdir} holds checkpoints of a run with a different config (differs in {', '.join(diff)}); "
                     "resume with the same config, or use a new --workdir"
@@ -305,15 +306,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-
-
-def _config_diff(a, b, prefix=""):
-    for k in set(a) | set(b):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            yield from _config_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            yield f"{prefix}{k}"
 
 
 def _views(images, key, train, *, cfg, mean, std):

@@ -1,0 +1,30 @@
+"""Resume/reuse decisions compare a run's stored config with the current one."""
+
+import json
+
+from ekd_jax.config import base_config, config_difference
+
+
+def _json(c):
+    return json.loads(c.to_json_best_effort())
+
+
+def test_config_difference_names_changed_keys():
+    a = base_config()
+    b = base_config()
+    assert config_difference(_json(a), _json(b)) == []
+    b.loss.alpha = 0.5
+    b.student.model = "resnet14"
+    assert config_difference(_json(a), _json(b)) == ["loss.alpha", "student.model"]
+
+
+def test_switch_added_after_the_run_is_not_a_difference_at_its_default():
+    stored = _json(base_config())
+    del stored["loss"]["kd_ramp_start"]  # as written by a run from before the switch existed
+    current = base_config()
+    assert config_difference(stored, _json(current)) == []
+    current.loss.kd_ramp_start = 0.0  # ... but asking for a non-default value is one
+    assert config_difference(stored, _json(current)) == ["loss.kd_ramp_start"]
+    # A key the current config lacks (removed since) is always a difference.
+    stored["loss"]["retired_switch"] = 1
+    assert "loss.retired_switch" in config_difference(stored, _json(base_config()))
