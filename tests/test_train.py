@@ -123,6 +123,15 @@ def test_corrupt_latest_checkpoint_is_reported_and_previous_used(reference_run, 
     assert s["student_params_sha256"] == ref["student_params_sha256"]
 
 
+def test_resume_with_a_different_config_is_refused_by_name(reference_run, tmp_path):
+    ref_wd, _ = reference_run
+    wd = tmp_path / "other"
+    shutil.copytree(ref_wd, wd)
+    (wd / "summary.json").unlink()
+    with pytest.raises(ValueError, match=r"different config \(differs in loss\.alpha\)"):
+        train.train_and_evaluate(tiny(**{"loss.alpha": 0.5}), str(wd))
+
+
 def test_cli_override_and_typos(tmp_path):
     r = run_cli(tmp_path / "typo", "--config.metod=dml")
     assert r.returncode == 2
