@@ -56,6 +56,10 @@ VARIANTS = {
     # The same, but the feature term only late (as in the defaults): DML's logit terms from step 0.
     "ekd_dml_latefeat": {"method": "ekd", **LATE_NORM, "loss.kd_ramp_start": 0.0, "loss.kd_ramp_length": 0.0,
                          "loss.gamma": 1.0, "loss.tau": 1.0, "loss.transfer_mask": "none"},
+    # Hinton's logit term (tau 4) from the online teacher from step 0 on every sample, the feature
+    # term late; the teacher learns from labels only.
+    "ekd_kd_early": {"method": "ekd", **LATE_NORM, "loss.kd_ramp_start": 0.0, "loss.kd_ramp_length": 0.0,
+                     "loss.transfer_mask": "none"},
 }
 
 
