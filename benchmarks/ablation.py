@@ -26,7 +26,7 @@ flags.DEFINE_bool("table_only", False, "Only rewrite ablation.md from ablation.j
 # METHOD.md as written: transfer at full weight from step 0, raw features, element-mean MSE.
 # Every variant is spelled out against it, so the table does not move when the defaults do.
 AS_WRITTEN = {"method": "ekd", "loss.ramp_start": 0.0, "loss.ramp_length": 0.0, "loss.feature_norm": False,
-              "loss.feature_reduction": "mean"}
+              "loss.feature_reduction": "mean", "loss.transfer_mask": "none"}
 RAMP_NORM = {"loss.ramp_length": 0.5, "loss.feature_norm": True, "loss.feature_reduction": "sum"}
 LATE_NORM = {"loss.ramp_start": 0.5, "loss.ramp_length": 0.2, "loss.feature_norm": True, "loss.feature_reduction": "sum"}
 VARIANTS = {
@@ -43,7 +43,9 @@ VARIANTS = {
     # no better than the student until the first learning-rate drop).
     "ekd_late_norm": {"method": "ekd", **LATE_NORM},
     "ekd_late_norm_mask": {"method": "ekd", **LATE_NORM, "loss.transfer_mask": "teacher_correct"},
-    "ekd_late_norm_coevo_tau1": {"method": "ekd", **LATE_NORM, "loss.gamma": 1.0, "loss.tau": 1.0},
+    # (Run on 2026-11-26 with the teacher-correct mask; machine A's run of 2026-11-24 had none.)
+    "ekd_late_norm_coevo_tau1": {"method": "ekd", **LATE_NORM, "loss.gamma": 1.0, "loss.tau": 1.0,
+                                 "loss.transfer_mask": "teacher_correct"},
     # Transfer from step 0, each sample weighted by how far the teacher is ahead on it,
     # max(0, p_T(y) - p_S(y)): no hand-set schedule; nothing flows while the teacher is no better.
     "ekd_ahead_norm": {"method": "ekd", **RAMP_NORM, "loss.ramp_length": 0.0, "loss.transfer_mask": "teacher_ahead"},
@@ -60,6 +62,9 @@ VARIANTS = {
     # term late; the teacher learns from labels only.
     "ekd_kd_early": {"method": "ekd", **LATE_NORM, "loss.kd_ramp_start": 0.0, "loss.kd_ramp_length": 0.0,
                      "loss.transfer_mask": "none"},
+    # The defaults' late schedule on every sample (no teacher-correct mask), with the feature term
+    # at full or a tenth of its weight.
+    "ekd_late_norm_beta01": {"method": "ekd", **LATE_NORM, "loss.transfer_mask": "none", "loss.beta": 0.1},
 }
 
 
