@@ -10,7 +10,6 @@ mean and standard deviation over the seeds finished so far.
 
 import json
 import pathlib
-import statistics
 
 from absl import app, flags, logging
 
@@ -105,12 +104,8 @@ def main(argv):
 
 
 def _fmt(xs):
-    xs = [100 * x for x in xs if x is not None]
-    if not xs:
-        return "–"
-    if len(xs) == 1:
-        return f"{xs[0]:.2f}"
-    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+    m, sd = compare._mean_std(xs)
+    return compare.fmt_pct(m, sd if len([x for x in xs if x is not None]) > 1 else None)
 
 
 def write_table(runs: dict[str, dict[int, dict]], root: pathlib.Path) -> None:
@@ -119,24 +114,18 @@ def write_table(runs: dict[str, dict[int, dict]], root: pathlib.Path) -> None:
     lines = ["| variant | seeds | student top-1 | student best | teacher top-1 | per seed | "
              "student - vanilla, paired by seed | overrides |",
              "|---|---|---|---|---|---|---|---|"]
-    base = runs.get("vanilla", {})
+    top1 = {n: {k: r["student_top1"] for k, r in by_seed.items()} for n, by_seed in runs.items()}
     for n, by_seed in runs.items():
         rs = [by_seed[k] for k in sorted(by_seed)]
         per = ", ".join(f"{100 * r['student_top1']:.2f}" for r in rs)
-        # Same seed = same initialisation of the student and the same batches as vanilla, so the
-        # per-seed difference removes most of the seed-to-seed spread.
-        diffs = [100 * (by_seed[k]["student_top1"] - base[k]["student_top1"]) for k in sorted(by_seed) if k in base]
-        if n == "vanilla" or not diffs:
-            d = "–"
-        elif len(diffs) == 1:
-            d = f"{diffs[0]:+.2f}"
-        else:
-            d = f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.2f} (s.e.; {len(diffs)} seeds)"
+        d_m, d_se, d_n = compare.paired_difference(top1[n], top1.get("vanilla", {})) if n != "vanilla" else (None, None, 0)
+        d = compare.fmt_pct(d_m, d_se, "+") + (f" (s.e.; {d_n} seeds)" if d_se is not None else "")
         lines.append(f"| {n} | {','.join(map(str, sorted(by_seed)))} | {_fmt([r['student_top1'] for r in rs])} | "
                      f"{_fmt([r['best_student_top1'] for r in rs])} | {_fmt([r['teacher_top1'] for r in rs])} | "
                      f"{per} | {d} | `{json.dumps(VARIANTS.get(n))}` |")
     (root / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
+
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])

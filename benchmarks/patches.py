@@ -63,7 +63,10 @@ def _runtime_one(x):
 
 
 def relu_div():
-    """(Now in the models as ``models.common.relu``; applying this on top divides twice.) Every ReLU of the ResNet/WRN zoo becomes ``relu(x) / one`` with ``one`` a runtime 1.0.
+    """Every ReLU of the ResNet/WRN zoo becomes ``relu(x) / one`` with ``one`` a runtime 1.0.
+
+    Now in the models (``models.common.relu``): applied on top it divides twice. Kept for the
+    commands of docs/performance.md that measured it before it was committed.
 
     The division is exact (x / 1.0 == x) and costs one vector op inside a fusion that exists anyway,
     but XLA counts a float divide as *expensive* and never duplicates an expensive instruction into
@@ -251,4 +254,3 @@ def apply(names: str) -> None:
         if name not in PATCHES:
             raise SystemExit(f"error: unknown patch {name!r}; known: {', '.join(PATCHES)}")
         PATCHES[name]()
-

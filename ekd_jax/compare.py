@@ -74,20 +74,24 @@ def _mean_std(xs):
     return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
 
 
-def _paired_difference(runs: list[dict], base: list[dict]) -> tuple[float | None, float | None, int]:
-    """Mean and standard error of (student top-1 - baseline's) over the seeds both have.
+def paired_difference(values: dict[int, float], base: dict[int, float]) -> tuple[float | None, float | None, int]:
+    """Mean and standard error of ``values[seed] - base[seed]`` over the seeds both have.
 
     The same seed gives both runs the same student initialisation and the same batches, so the
     per-seed difference removes most of the seed-to-seed spread that the two means carry.
     """
-    by_seed = {r["config"]["seed"]: r["student_top1"] for r in base}
-    d = [r["student_top1"] - by_seed[r["config"]["seed"]] for r in runs if r["config"]["seed"] in by_seed]
+    d = [v - base[k] for k, v in values.items() if k in base]
     if not d:
         return None, None, 0
     return float(np.mean(d)), (float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None), len(d)
 
 
-def _fmt(m: float | None, s: float | None, sign: str = "") -> str:
+def _student_by_seed(runs: list[dict]) -> dict[int, float]:
+    return {r["config"]["seed"]: r["student_top1"] for r in runs}
+
+
+def fmt_pct(m: float | None, s: float | None, sign: str = "") -> str:
+    """``m`` (± ``s``) as percentages; '–' when there is no value, no '±' when there is no spread."""
     if m is None:
         return "–"
     return f"{100 * m:{sign}.2f}" if s is None else f"{100 * m:{sign}.2f} ± {100 * s:.2f}"
@@ -102,7 +106,9 @@ def write_results(results: dict[str, list[dict]], config, root: pathlib.Path) ->
         s_m, s_s = _mean_std([r["student_top1"] for r in runs])
         b_m, b_s = _mean_std([r["best_student_top1"] for r in runs])
         t_m, t_s = _mean_std([r["teacher_top1"] for r in runs])
-        d_m, d_se, d_n = _paired_difference(runs, base) if method != "vanilla" else (None, None, 0)
+        d_m, d_se, d_n = (
+            paired_difference(_student_by_seed(runs), _student_by_seed(base)) if method != "vanilla" else (None, None, 0)
+        )
         table[method] = {
             "student_top1_mean": s_m, "student_top1_std": s_s, "best_student_top1_mean": b_m,
             "teacher_top1_mean": t_m, "teacher_top1_std": t_s, "n": len(runs),
@@ -111,8 +117,8 @@ def write_results(results: dict[str, list[dict]], config, root: pathlib.Path) ->
         }
         one = len(runs) == 1  # no spread to report from one run
         rows.append(
-            f"| {method} | {_fmt(s_m, None if one else s_s)} | {_fmt(b_m, None if one else b_s)} | "
-            f"{_fmt(t_m, None if one else t_s)} | {_fmt(d_m, d_se, '+')} | {len(runs)} |"
+            f"| {method} | {fmt_pct(s_m, None if one else s_s)} | {fmt_pct(b_m, None if one else b_s)} | "
+            f"{fmt_pct(t_m, None if one else t_s)} | {fmt_pct(d_m, d_se, '+')} | {len(runs)} |"
         )
     any_run = next(r for runs in results.values() for r in runs)
     head = (

@@ -101,9 +101,11 @@ def _mask(cfg: LossConfig, o: Outputs):
     if cfg.transfer_mask == "none":
         return None
     if cfg.transfer_mask == "teacher_ahead":
-        p_t = jnp.take_along_axis(jax.nn.softmax(sg(o.teacher_logits).astype(jnp.float32)), o.labels[:, None], -1)
-        p_s = jnp.take_along_axis(jax.nn.softmax(sg(o.student_logits).astype(jnp.float32)), o.labels[:, None], -1)
-        return jnp.maximum(p_t - p_s, 0.0)[:, 0]
+        def p_true(logits):  # probability on the true label
+            p = jax.nn.softmax(sg(logits).astype(jnp.float32))
+            return jnp.take_along_axis(p, o.labels[:, None], -1)[:, 0]
+
+        return jnp.maximum(p_true(o.teacher_logits) - p_true(o.student_logits), 0.0)
     return (jnp.argmax(sg(o.teacher_logits), -1) == o.labels).astype(jnp.float32)
 
 
