@@ -237,6 +237,93 @@ def plain_relu():
     wrn.relu = nn.relu
 
 
+def im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, feature_group_count=1, precision=None, **kw):
+    """``lax.conv_general_dilated`` for NHWC/HWIO as im2col + one matmul (ungrouped, undilated convs)."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    plain = (feature_group_count == 1 and not isinstance(padding, str)
+             and tuple(lhs_dilation or (1, 1)) == (1, 1) and tuple(rhs_dilation or (1, 1)) == (1, 1))
+    if not plain:
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision, **kw)
+    kh, kw_, cin, cout = rhs.shape
+    (p0, p1), (q0, q1) = padding
+    x = jnp.pad(lhs, ((0, 0), (p0, p1), (q0, q1), (0, 0))) if (p0 or p1 or q0 or q1) else lhs
+    sh, sw = window_strides
+    ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw_) // sw + 1
+    cols = [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] for i in range(kh) for j in range(kw_)]
+    patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+    return jnp.dot(patches, rhs.reshape(kh * kw_ * cin, cout), precision=precision)
+
+
+def im2col():
+    """Every ungrouped conv of the zoo (and adapters) as im2col + matmul instead of XLA's conv."""
+    import functools
+
+    import flax.linen as linen
+
+    from ekd_jax.models import common
+
+    common.nn = _nn_with(Conv=functools.partial(linen.Conv, conv_general_dilated=im2col_conv))
+
+
+def _conv_dw_dots(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                  dimension_numbers=None, feature_group_count=1, precision=None, **kw):
+    """XLA's conv forward and input gradient; filter gradient as kh*kw matmuls over shifted slices."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    plain = (feature_group_count == 1 and not isinstance(padding, str)
+             and tuple(lhs_dilation or (1, 1)) == (1, 1) and tuple(rhs_dilation or (1, 1)) == (1, 1))
+
+    def fwd_conv(x, w):
+        return lax.conv_general_dilated(x, w, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision, **kw)
+
+    if not plain:
+        return fwd_conv(lhs, rhs)
+
+    @jax.custom_vjp
+    def f(x, w):
+        return fwd_conv(x, w)
+
+    def f_fwd(x, w):
+        return fwd_conv(x, w), (x, w)
+
+    def f_bwd(res, g):
+        x, w = res
+        _, vjp_x = jax.vjp(lambda x_: fwd_conv(x_, w), x)
+        (dx,) = vjp_x(g)
+        kh, kw_, cin, cout = w.shape
+        (p0, p1), (q0, q1) = padding
+        xp = jnp.pad(x, ((0, 0), (p0, p1), (q0, q1), (0, 0)))
+        sh, sw = window_strides
+        ho, wo = g.shape[1], g.shape[2]
+        rows = []
+        for i in range(kh):
+            for j in range(kw_):
+                xs = xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
+                rows.append(jnp.einsum("nhwc,nhwd->cd", xs, g, precision=precision))
+        dw = jnp.stack(rows).reshape(kh, kw_, cin, cout).astype(w.dtype)
+        return dx, dw
+
+    f.defvjp(f_fwd, f_bwd)
+    return f(lhs, rhs)
+
+
+def conv_dw_dots():
+    """Every ungrouped conv's filter gradient as kh*kw matmuls (forward and input gradient unchanged)."""
+    import functools
+
+    import flax.linen as linen
+
+    from ekd_jax.models import common
+
+    common.nn = _nn_with(Conv=functools.partial(linen.Conv, conv_general_dilated=_conv_dw_dots))
+
+
 PATCHES = {
     "adapter_1x1": adapter_1x1,
     "barrier": barrier,
@@ -246,6 +333,8 @@ PATCHES = {
     "bn_vjp": bn_vjp,
     "bn_fast_vjp": bn_fast_vjp,
     "plain_relu": plain_relu,
+    "im2col": im2col,
+    "conv_dw_dots": conv_dw_dots,
 }
 
 

@@ -23,6 +23,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher = ml_collections.ConfigDict()
     c.teacher.model = "resnet32"
     c.teacher.checkpoint = ""  # workdir of a finished run whose teacher/ an offline method loads
+    # Online methods (ekd, dml): the teacher first trains alone, from scratch, for head_start x
+    # num_epochs epochs (rounded to whole epochs); then the student and guided modules start and
+    # train their full num_epochs while the teacher goes on, on its own LR schedule over the longer
+    # run. 0 = both start together. Ignored by methods without an online teacher.
+    c.teacher.head_start = 0.0
     c.student = ml_collections.ConfigDict()
     c.student.model = "resnet8"
 

@@ -51,6 +51,10 @@ class Networks:
     total_steps: int
     teacher_input_shape: tuple[int, int, int]
     student_input_shape: tuple[int, int, int]
+    # Teacher head start: optimizer steps in which only the online teacher learns; the student and
+    # the guided modules start at this step (config teacher.head_start). total_steps counts
+    # the student's steps, so transfer ramps follow the student's progress.
+    student_start: int = 0
 
     @property
     def trainable(self) -> dict[str, bool]:
@@ -72,6 +76,7 @@ def build_networks(
     student_input_shape,
     views: ViewFn,
     total_steps: int,
+    student_start: int = 0,
 ) -> Networks:
     """Validates the method/model/stage choices and builds the modules (nothing compiled yet)."""
     method = get_method(config.method)
@@ -82,6 +87,13 @@ def build_networks(
         raise ValueError(
             f"method {method.name!r} distils from a frozen, trained teacher: set "
             f"--config.teacher.checkpoint=<workdir of a finished 'teacher' run>"
+        )
+    if student_start < 0:
+        raise ValueError(f"teacher.head_start must be >= 0, got a head start of {student_start} steps")
+    if student_start and not (method.teacher_trainable and method.runs_student):
+        raise ValueError(
+            f"a teacher head start needs a teacher that learns online next to the student "
+            f"(methods 'ekd', 'dml'); method {method.name!r} has none"
         )
     teacher = create_model(config.teacher.model, num_classes, dtype=dtype)
     student = create_model(config.student.model, num_classes, dtype=dtype)
@@ -126,28 +138,52 @@ def build_networks(
         loss_cfg=loss_cfg,
         views=views,
         total_steps=int(total_steps),
+        student_start=int(student_start),
         teacher_input_shape=tuple(teacher_input_shape),
         student_input_shape=tuple(student_input_shape),
     )
 
 
 def make_optimizer(
-    nets: Networks, learning_rate: optax.Schedule, momentum: float, weight_decay: float, nesterov: bool = False
+    nets: Networks,
+    learning_rate: optax.Schedule,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool = False,
+    teacher_learning_rate: optax.Schedule | None = None,
 ) -> optax.GradientTransformation:
-    """SGD with coupled weight decay (PyTorch style) for trainable groups; frozen groups get none."""
-    sgd = optax.chain(
-        optax.add_decayed_weights(weight_decay),
-        optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
-    )
+    """SGD with coupled weight decay (PyTorch style) for trainable groups; frozen groups get none.
+
+    With a teacher head start (``nets.student_start > 0``) the teacher follows
+    ``teacher_learning_rate`` (its own, longer run) and the student and guided modules get zero
+    updates until ``student_start``; their SGD state (step count, momentum) stays untouched until
+    then, so their schedule ``learning_rate`` starts at its step 0 when they do.
+    """
+
+    def sgd(lr):
+        return optax.chain(
+            optax.add_decayed_weights(weight_decay),
+            optax.sgd(lr, momentum=momentum or None, nesterov=nesterov),
+        )
+
     trainable = nets.trainable
+    transforms = {"train": sgd(learning_rate), "frozen": optax.set_to_zero()}
+    own_teacher = nets.student_start > 0 or teacher_learning_rate is not None
+    if own_teacher:
+        transforms["teacher"] = sgd(teacher_learning_rate if teacher_learning_rate is not None else learning_rate)
+    if nets.student_start > 0:
+        start = nets.student_start
+        transforms["train"] = optax.transforms.conditionally_mask(transforms["train"], lambda count: count >= start)
+
+    def label(g):
+        if not trainable[g]:
+            return "frozen"
+        return "teacher" if own_teacher and g == "teacher" else "train"
 
     def labels(params):
-        return {
-            g: jax.tree_util.tree_map(lambda _: "train" if trainable[g] else "frozen", params[g])
-            for g in params
-        }
+        return {g: jax.tree_util.tree_map(lambda _: label(g), params[g]) for g in params}
 
-    return optax.multi_transform({"train": sgd, "frozen": optax.set_to_zero()}, labels)
+    return optax.multi_transform(transforms, labels)
 
 
 def init_state(nets: Networks, tx: optax.GradientTransformation, seed: int, mesh=None) -> JointState:
@@ -230,7 +266,7 @@ def loss_terms(nets: Networks, params, batch_stats, batch, step):
     """The method's named loss terms on a training batch; returns (terms, (outputs, new_stats))."""
     key = jax.random.fold_in(jax.random.wrap_key_data(batch["rng"]), step)
     outputs, new_stats = forward(nets, params, batch_stats, batch["image"], batch["label"], key, train=True)
-    progress = step.astype(jnp.float32) / max(nets.total_steps, 1)
+    progress = jnp.maximum(step - nets.student_start, 0).astype(jnp.float32) / max(nets.total_steps, 1)
     return nets.method.loss(outputs, nets.loss_cfg, progress), (outputs, new_stats)
 
 
@@ -246,6 +282,12 @@ def _train_step(nets: Networks, tx: optax.GradientTransformation, state: JointSt
         g: optax.apply_updates(state.params[g], updates[g]) if nets.trainable[g] else state.params[g]
         for g in state.params
     }
+    if nets.student_start > 0:  # head start: the student's (and guides') BN statistics wait too
+        started = state.step >= nets.student_start
+        for g in ("student", "guide"):
+            new_stats[g] = jax.tree_util.tree_map(
+                lambda new, old: jnp.where(started, new, old), new_stats[g], state.batch_stats[g]
+            )
     metrics = {"loss": loss, **terms}
     if outputs.teacher_logits is not None:
         metrics["teacher/train_top1"] = jnp.mean(losses.topk_correct(outputs.teacher_logits, batch["label"], 1))

@@ -167,6 +167,15 @@ class _Progress:
             self.bar.close()
 
 
+def _head_start_epochs(config) -> int:
+    """Whole epochs of teacher head start (teacher.head_start x num_epochs); 0 without an online teacher."""
+    h = float(config.teacher.head_start)
+    if not (h >= 0.0):
+        raise ValueError(f"teacher.head_start={h} must be >= 0 (a fraction of num_epochs; 0 = no head start)")
+    m = step.get_method(config.method)
+    return int(round(h * config.num_epochs)) if (m.teacher_trainable and m.runs_student) else 0
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains teacher and student as ``config.method`` says; returns the final summary dict."""
     t_start = time.time()
@@ -177,14 +186,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
     parallel.check_batch_size(config.batch_size, mesh)
     parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     spe = data.steps_per_epoch(ds.train_size, config.batch_size)
-    total_steps = spe * config.num_epochs
+    total_steps = spe * config.num_epochs  # the student's steps
+    head = _head_start_epochs(config)
+    num_epochs = config.num_epochs + max(head, 0)  # the run's epochs (the teacher's)
     t_shape = tuple(data.teacher_input_shape(config.data, ds.image_shape))
     s_shape = tuple(data.student_input_shape(config.data, ds.image_shape))
     views = functools.partial(_views, cfg=config.data, mean=ds.mean, std=ds.std)
-    nets = step.build_networks(config, ds.num_classes, t_shape, s_shape, views, total_steps)
+    nets = step.build_networks(config, ds.num_classes, t_shape, s_shape, views, total_steps, head * spe)
     schedule = make_schedule(config, spe, total_steps)
+    teacher_schedule = make_schedule(config, spe, num_epochs * spe) if head else None
     tx = step.make_optimizer(
-        nets, schedule, config.optimizer.momentum, config.optimizer.weight_decay, config.optimizer.nesterov
+        nets, schedule, config.optimizer.momentum, config.optimizer.weight_decay, config.optimizer.nesterov,
+        teacher_learning_rate=teacher_schedule,
     )
     state = step.init_state(nets, tx, config.seed, mesh)
     if nets.method.needs_teacher_checkpoint:
@@ -224,14 +237,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
             f"{nets.method.name}: teacher {config.teacher.model} {list(t_shape)} -> student "
             f"{config.student.model} {list(s_shape)} | {config.data.source}: {ds.train_size} train / "
             f"{ds.test_size} test, {ds.num_classes} classes | {mesh.devices.size} device(s) "
-            f"{jax.devices()[0].platform} | {config.num_epochs} epochs x {spe} steps",
+            f"{jax.devices()[0].platform} | {config.num_epochs} epochs x {spe} steps"
+            + (f" after a teacher head start of {head} epochs" if head else ""),
             flush=True,
         )
         rng_seed = config.seed
-        for epoch in range(start_epoch, config.num_epochs):
+        for epoch in range(start_epoch, num_epochs):
             t0 = time.time()
             history: list[dict] = []
-            progress = _Progress(spe, epoch, config.num_epochs)
+            progress = _Progress(spe, epoch, num_epochs)
             for i in range(spe):
                 gstep = epoch * spe + i
                 x, y = data.train_batch(ds, config.batch_size, rng_seed, gstep)
@@ -255,10 +269,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         )
             progress.close()
             train_s = time.time() - t0
-            rec = {"epoch": epoch, "step": (epoch + 1) * spe, "lr": float(schedule((epoch + 1) * spe - 1))}
+            last = (epoch + 1) * spe - 1
+            rec = {"epoch": epoch, "step": last + 1, "lr": float(schedule(last - head * spe)) if epoch >= head else 0.0}
+            if head:
+                rec["teacher_lr"] = float(teacher_schedule(last))
             rec.update({f"train/{k}": float(np.mean([h[k] for h in history])) for k in history[0]})
             rec["images_per_s"] = spe * config.batch_size / train_s
-            if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
+            if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == num_epochs:
                 rec.update(_evaluate(eval_step, state, ds, config.eval_batch_size, mesh))
             key = "student/top1" if nets.method.runs_student else "teacher/top1"
             if key in rec and rec[key] > best["student/top1"]:
@@ -292,6 +309,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         "student_input_shape": list(s_shape),
         "num_devices": int(mesh.devices.size),
         "epochs": config.num_epochs,
+        "teacher_head_start_epochs": head,
         "steps": int(state.step),
         "teacher_top1": final.get("teacher/top1"),
         "teacher_top5": final.get("teacher/top5"),

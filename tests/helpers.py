@@ -27,15 +27,15 @@ def tiny_config(method="ekd", **overrides):
     return c
 
 
-def build(config, image_shape=(8, 8, 3), num_classes=5, total_steps=10, mesh=None):
+def build(config, image_shape=(8, 8, 3), num_classes=5, total_steps=10, mesh=None, student_start=0, teacher_lr=None):
     """(nets, tx, state, mesh) for a synthetic dataset; no data loading, no checkpoint."""
     mesh = mesh or parallel.make_mesh()
     mean, std = (0.5,) * image_shape[-1], (0.25,) * image_shape[-1]
     views = functools.partial(_views, cfg=config.data, mean=mean, std=std)
     t_shape = tuple(data.teacher_input_shape(config.data, image_shape))
     s_shape = tuple(data.student_input_shape(config.data, image_shape))
-    nets = step.build_networks(config, num_classes, t_shape, s_shape, views, total_steps)
-    tx = step.make_optimizer(nets, config.optimizer.learning_rate, 0.9, 5e-4)
+    nets = step.build_networks(config, num_classes, t_shape, s_shape, views, total_steps, student_start)
+    tx = step.make_optimizer(nets, config.optimizer.learning_rate, 0.9, 5e-4, teacher_learning_rate=teacher_lr)
     state = step.init_state(nets, tx, config.seed, mesh)
     return nets, tx, state, mesh
 

@@ -138,6 +138,46 @@ def test_bad_combinations_fail_before_compiling(method, overrides, match, monkey
         helpers.build(config)
 
 
+def test_teacher_head_start_waits_then_starts_fresh():
+    """During the head start only the teacher learns; the student and guides then start exactly as
+    a run without one would (same SGD state, same first update), while the teacher keeps its lead."""
+    config = helpers.tiny_config("ekd")
+    h = 2
+    nets, tx, state0, mesh = helpers.build(config, student_start=h, teacher_lr=0.1)
+    train_step, _ = step.compile_steps(nets, tx, mesh)
+    batch = lambda i: parallel.shard_batch(helpers.fake_batch(i), mesh)  # noqa: E731
+    state = jax.tree_util.tree_map(jnp.copy, state0)
+    for i in range(h):
+        state, _ = train_step(state, batch(i))
+        assert _any_nonzero(jax.tree_util.tree_map(jnp.subtract, state.params["teacher"], state0.params["teacher"]))
+    for g in ("student", "guide"):  # untouched: params, BN statistics
+        chex.assert_trees_all_equal(state.params[g], state0.params[g])
+        chex.assert_trees_all_equal(state.batch_stats[g], state0.batch_stats[g])
+    # The student's first update equals that of a run without a head start whose teacher is at the
+    # same point: fresh SGD state (no momentum), the same batch and step key (tiny_config has no ramps
+    # and a constant learning rate, so only the optimizer state could differ).
+    ref_nets, ref_tx, ref_state, _ = helpers.build(config)
+    ref_step, _ = step.compile_steps(ref_nets, ref_tx, mesh)
+    same = jax.tree_util.tree_map(jnp.copy, state)  # train_step donates its input state
+    ref_state = ref_state.replace(
+        step=same.step,
+        params={**ref_state.params, "teacher": same.params["teacher"]},
+        batch_stats={**ref_state.batch_stats, "teacher": same.batch_stats["teacher"]},
+    )
+    after, _ = train_step(state, batch(h))
+    ref_after, _ = ref_step(ref_state, batch(h))
+    for g in ("student", "guide"):
+        assert _any_nonzero(jax.tree_util.tree_map(jnp.subtract, after.params[g], state0.params[g]))
+        chex.assert_trees_all_equal(after.params[g], ref_after.params[g])
+        chex.assert_trees_all_equal(after.batch_stats[g], ref_after.batch_stats[g])
+
+
+@pytest.mark.parametrize("method", ["vanilla", "kd", "teacher"])
+def test_head_start_needs_an_online_teacher(method):
+    with pytest.raises(ValueError, match="head start needs a teacher that learns online"):
+        helpers.build(helpers.tiny_config(method), student_start=3)
+
+
 def test_stage_pairing_when_counts_differ():
     from ekd_jax.guided import pair_stages
 

@@ -155,6 +155,22 @@ def test_override_runs_other_method(tmp_path):
     assert s["method"] == "dml" and s["teacher_top1"] is not None
 
 
+def test_teacher_head_start_run(tmp_path):
+    """teacher.head_start: the run is head_start x num_epochs epochs longer, the student's LR is 0
+    until it starts and then its own schedule; the student still trains its full num_epochs."""
+    s = train.train_and_evaluate(tiny(method="dml", num_epochs=1, **{"teacher.head_start": 1.0}), str(tmp_path))
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [0, 1]
+    assert recs[0]["lr"] == 0.0 and recs[0]["teacher_lr"] > 0 and recs[1]["lr"] > 0
+    assert s["epochs"] == 1 and s["teacher_head_start_epochs"] == 1 and s["steps"] == 2 * recs[0]["step"]
+    # Without an online teacher there is nothing to start early: ignored, so one config serves
+    # every method of a comparison.
+    v = train.train_and_evaluate(tiny(method="vanilla", num_epochs=1, **{"teacher.head_start": 1.0}), str(tmp_path / "v"))
+    assert v["teacher_head_start_epochs"] == 0 and v["steps"] == recs[0]["step"]
+    with pytest.raises(ValueError, match=r"teacher.head_start=-1.0 must be >= 0"):
+        train.train_and_evaluate(tiny(method="dml", **{"teacher.head_start": -1.0}), str(tmp_path / "n"))
+
+
 def test_non_finite_loss_stops_with_step_and_term(tmp_path):
     with pytest.raises(train.NonFiniteLossError, match=r"loss term 'student/ce' became non-finite at step 0"):
         train.train_and_evaluate(tiny(**{"loss.ce_weight": float("nan"), "num_epochs": 1}), str(tmp_path))
