@@ -66,15 +66,27 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Switches whose default has changed since they were added: the value that reproduces what the
+# project did before the switch existed (a stored config without the key ran with this value).
+BEHAVIOUR_BEFORE_SWITCH = {("teacher", "head_start"): 0.0}
+
+
 def config_difference(stored: dict, current: dict) -> list[str]:
     """Dotted keys where a run's stored config (JSON dict) and the current one differ.
 
-    A key the stored config lacks is not a difference when the current value is that key's
-    :func:`base_config` default: it is a switch added to the project after the run started, and
-    every new switch's default keeps the earlier behaviour (the project's rule for new options),
-    so a run from before it is resumed or reused rather than refused.
+    A key the stored config lacks is a switch added to the project after the run started. It is
+    not a difference when the current value is the one that reproduces the earlier behaviour:
+    the key's :func:`base_config` default (each new switch's default keeps the earlier behaviour,
+    the project's rule for new options), or, for a switch whose default changed later, its
+    ``BEHAVIOUR_BEFORE_SWITCH`` value. So a run from before it is resumed or reused rather than
+    refused, and never continued under a different behaviour.
     """
     defaults = json.loads(base_config().to_json_best_effort())
+    for path, value in BEHAVIOUR_BEFORE_SWITCH.items():
+        node = defaults
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
     missing = object()
 
     def walk(a, b, d, prefix):

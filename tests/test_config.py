@@ -28,3 +28,13 @@ def test_switch_added_after_the_run_is_not_a_difference_at_its_default():
     # A key the current config lacks (removed since) is always a difference.
     stored["loss"]["retired_switch"] = 1
     assert "loss.retired_switch" in config_difference(stored, _json(base_config()))
+
+
+def test_a_switch_whose_default_changed_compares_against_the_old_behaviour():
+    stored = _json(base_config())
+    del stored["teacher"]["head_start"]  # a run from before the switch: no head start
+    current = base_config()
+    current.teacher.head_start = 0.0
+    assert config_difference(stored, _json(current)) == []
+    current.teacher.head_start = 1.0
+    assert config_difference(stored, _json(current)) == ["teacher.head_start"]
