@@ -271,6 +271,49 @@ def loss_terms(nets: Networks, params, batch_stats, batch, step):
 
 
 def _train_step(nets: Networks, tx: optax.GradientTransformation, state: JointState, batch):
+    if nets.student_start > 0:  # teacher head start: only the teacher's work until the student starts
+        return jax.lax.cond(
+            state.step < nets.student_start,
+            lambda s, b: _head_start_step(nets, tx, s, b),
+            lambda s, b: _joint_step(nets, tx, s, b),
+            state,
+            batch,
+        )
+    return _joint_step(nets, tx, state, batch)
+
+
+def _head_start_step(nets: Networks, tx: optax.GradientTransformation, state: JointState, batch):
+    """A step of the teacher head start: the teacher learns alone, from labels ('teacher' method's
+    loss: no term that involves the waiting student); student and guided modules are not run and
+    stay bitwise unchanged (params, BN statistics, SGD state). Metrics have the joint step's keys,
+    the student's at 0."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    xt, _ = nets.views(batch["image"], key, True)
+    teacher_loss = get_method("teacher").loss
+
+    def loss_fn(tp):
+        zt, _, t_stats = _run(nets.teacher, tp, state.batch_stats["teacher"], xt, True)
+        terms = teacher_loss(Outputs(labels=batch["label"], teacher_logits=zt), nets.loss_cfg, 0.0)
+        return total_loss(terms), (terms, zt, t_stats)
+
+    (loss, (terms, zt, t_stats)), g_t = jax.value_and_grad(loss_fn, has_aux=True)(state.params["teacher"])
+    grads = {**jax.tree_util.tree_map(jnp.zeros_like, state.params), "teacher": g_t}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)  # student/guide: masked to 0
+    params = {**state.params, "teacher": optax.apply_updates(state.params["teacher"], updates["teacher"])}
+    shapes = jax.eval_shape(lambda s, b: _joint_step(nets, tx, s, b)[1], state, batch)
+    metrics = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
+    metrics.update({"loss": loss.astype(metrics["loss"].dtype), **terms})
+    metrics["teacher/train_top1"] = jnp.mean(losses.topk_correct(zt, batch["label"], 1))
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats={**state.batch_stats, "teacher": t_stats},
+        opt_state=opt_state,
+    )
+    return new_state, metrics
+
+
+def _joint_step(nets: Networks, tx: optax.GradientTransformation, state: JointState, batch):
     def loss_fn(params):
         terms, aux = loss_terms(nets, params, state.batch_stats, {**batch, "rng": state.rng}, state.step)
         return total_loss(terms), (terms, aux)
@@ -282,12 +325,6 @@ def _train_step(nets: Networks, tx: optax.GradientTransformation, state: JointSt
         g: optax.apply_updates(state.params[g], updates[g]) if nets.trainable[g] else state.params[g]
         for g in state.params
     }
-    if nets.student_start > 0:  # head start: the student's (and guides') BN statistics wait too
-        started = state.step >= nets.student_start
-        for g in ("student", "guide"):
-            new_stats[g] = jax.tree_util.tree_map(
-                lambda new, old: jnp.where(started, new, old), new_stats[g], state.batch_stats[g]
-            )
     metrics = {"loss": loss, **terms}
     if outputs.teacher_logits is not None:
         metrics["teacher/train_top1"] = jnp.mean(losses.topk_correct(outputs.teacher_logits, batch["label"], 1))
