@@ -249,7 +249,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             for i in range(spe):
                 gstep = epoch * spe + i
                 x, y = data.train_batch(ds, config.batch_size, rng_seed, gstep)
-                state, m = train_step(state, parallel.shard_batch({"image": x, "label": y}, mesh))
+                batch = parallel.shard_batch({"image": x, "label": y}, mesh)
+                state, m = train_step(state, batch, gstep) if head else train_step(state, batch)
                 history.append(m)
                 progress.update()
                 if (i + 1) % config.log_every_steps == 0 or i + 1 == spe:

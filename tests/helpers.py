@@ -56,6 +56,7 @@ def run_steps(nets, tx, state, mesh, n, batch_size=8, image_shape=(8, 8, 3)):
     train_step, _ = step.compile_steps(nets, tx, mesh)
     metrics = []
     for i in range(n):
-        state, m = train_step(state, parallel.shard_batch(fake_batch(i, batch_size, image_shape), mesh))
+        batch = parallel.shard_batch(fake_batch(i, batch_size, image_shape), mesh)
+        state, m = train_step(state, batch, i) if nets.student_start else train_step(state, batch)
         metrics.append(m)
     return state, jax.device_get(metrics)
