@@ -44,6 +44,14 @@ def run_one(config, workdir: pathlib.Path) -> dict:
     return train.train_and_evaluate(config, str(workdir))
 
 
+def _drop_unused_head_start(c) -> None:
+    """Methods without an online teacher ignore teacher.head_start: record it as 0, what they run
+    with, so that their runs are reused whatever the head start of the online methods."""
+    m = METHODS[c.method]
+    if not (m.teacher_trainable and m.runs_student):
+        c.teacher.head_start = 0.0
+
+
 def compare(config, methods: list[str], seeds: list[int], workdir: str) -> dict:
     """Runs every (method, seed) and writes the results; returns {method: [summaries]}."""
     unknown = [m for m in methods if m not in METHODS]
@@ -56,9 +64,11 @@ def compare(config, methods: list[str], seeds: list[int], workdir: str) -> dict:
         for method in methods:
             c = config.copy_and_resolve_references()
             c.seed, c.method = seed, method
+            _drop_unused_head_start(c)
             if METHODS[method].needs_teacher_checkpoint:
                 t = config.copy_and_resolve_references()
                 t.seed, t.method = seed, "teacher"
+                _drop_unused_head_start(t)
                 run_one(t, root / f"teacher_s{seed}")
                 c.teacher.checkpoint = str(root / f"teacher_s{seed}")
             print(f"=== {method}, seed {seed} ===", flush=True)
@@ -125,7 +135,9 @@ def write_results(results: dict[str, list[dict]], config, root: pathlib.Path) ->
         f"# Comparison: {config.teacher.model} -> {config.student.model} on {config.data.source}\n\n"
         f"train {any_run['train_size']} / test {any_run['test_size']} images, {config.num_epochs} epochs, "
         f"student input {any_run['student_input_shape']}, teacher input {any_run['teacher_input_shape']}; "
-        "top-1 in %, mean ± std over seeds (final epoch; 'best' = best epoch); 'student - vanilla': "
+        + (f"online teachers (dml, ekd) first train alone for {config.teacher.head_start:g} x {config.num_epochs} "
+           "epochs (teacher.head_start); " if config.teacher.head_start else "")
+        + "top-1 in %, mean ± std over seeds (final epoch; 'best' = best epoch); 'student - vanilla': "
         "mean ± standard error of the per-seed difference to the vanilla student of the same seed.\n\n"
         "| method | student top-1 | student best | teacher top-1 | student - vanilla | runs |\n"
         "|---|---|---|---|---|---|\n"

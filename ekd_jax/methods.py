@@ -37,8 +37,11 @@ class LossConfig:
     feature_reduction: str = "sum"  # 'mean' over elements or 'sum' per sample
     gamma: float = 0.0  # ekd co-evolution: teacher also learns KL(student -> teacher)
     coevolution: bool = False  # remove the stop-gradient on the teacher side of student terms
-    ramp_start: float = 0.5  # fraction of training before any transfer (the online teacher pulls ahead first)
-    ramp_length: float = 0.2  # fraction of training over which transfer weight goes 0 -> 1
+    # Fractions of the student's training: no transfer before ramp_start, weight 0 -> 1 over
+    # ramp_length. 0/0 = full weight from the student's first step: the default teacher head start
+    # (config teacher.head_start) is what puts the teacher ahead before the student imitates it.
+    ramp_start: float = 0.0
+    ramp_length: float = 0.0
     ramp_shape: str = "linear"  # 'linear' or 'sigmoid' (exp(-5 (1-t)^2))
     # The logit (KD) term's own schedule; negative = the ramp above (both terms on one schedule).
     # (A number, not None, so that --config.loss.kd_ramp_start=0 works on the command line.)

@@ -64,7 +64,10 @@ def test_quickstart_tiny_outputs(reference_run):
     assert 0.0 <= s["student_top1"] <= 1.0 and 0.0 <= s["teacher_top1"] <= 1.0
     assert s["best_student_top1"] >= s["student_top1"]
     records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == list(range(EPOCHS))
+    # The default teacher head start (teacher.head_start = 1.0): EPOCHS teacher-only epochs first.
+    assert s["teacher_head_start_epochs"] == EPOCHS
+    assert [r["epoch"] for r in records] == list(range(2 * EPOCHS))
+    assert records[0]["student/top1"] == records[EPOCHS - 1]["student/top1"]  # the student waits
     assert records[-1]["student/top1"] == s["student_top1"]
     assert {"teacher/top5", "student/loss", "train/student/guided", "images_per_s"} <= set(records[-1])
     assert (wd / "curves.png").stat().st_size > 1000
@@ -173,7 +176,7 @@ def test_teacher_head_start_run(tmp_path):
 
 def test_non_finite_loss_stops_with_step_and_term(tmp_path):
     with pytest.raises(train.NonFiniteLossError, match=r"loss term 'student/ce' became non-finite at step 0"):
-        train.train_and_evaluate(tiny(**{"loss.ce_weight": float("nan"), "num_epochs": 1}), str(tmp_path))
+        train.train_and_evaluate(tiny(**{"loss.ce_weight": float("nan"), "num_epochs": 1, "teacher.head_start": 0.0}), str(tmp_path))
 
 
 def test_teacher_then_kd_keeps_teacher_fixed(tmp_path):
