@@ -1,15 +1,25 @@
 """Prints the markdown tables of docs/results.md from the study's run folders.
 
   python benchmarks/collect_results.py runs/ablation runs/study_full runs/study_lowres4
+  python benchmarks/collect_results.py --paired runs/study_full runs/abl_full   # one pooled table
 
 An ablation folder (benchmarks/ablation.py) gives its table (mean ± std over the finished seeds);
 a comparison folder (python -m ekd_jax.compare) its results.md; any other folder one row per
-finished run (``*/summary.json``).
+finished run (``*/summary.json``). With ``--paired``, the finished runs of all the folders are
+pooled by run name (``<name>`` or ``<name>_s<seed>``; the same name and seed in two folders is the
+same config, the later folder's run is used) into one table with each run's per-seed student
+top-1 and its paired per-seed difference to ``vanilla``, ``dml`` and ``dml_head`` (mean ± s.e.).
 """
 
 import json
 import pathlib
+import re
 import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from ekd_jax.compare import _mean_std, fmt_pct, paired_difference  # noqa: E402
+
+BASES = ("vanilla", "dml", "dml_head")
 
 
 def pct(x):
@@ -32,5 +42,36 @@ def main(folders):
                       f"| {pct(s['teacher_top1'])} | {s['train_size']} | {s['student_input_shape']} | {s['wall_s'] / 60:.1f} |")
 
 
+def paired(folders):
+    runs: dict[str, dict[int, dict]] = {}
+    for folder in map(pathlib.Path, folders):
+        for summ in sorted(folder.glob("*/summary.json")):
+            s = json.loads(summ.read_text())
+            if s["student_top1"] is None:  # a 'teacher' run (offline methods' teacher)
+                continue
+            runs.setdefault(re.sub(r"_s\d+$", "", summ.parent.name), {})[s["config"]["seed"]] = s
+    top1 = {n: {k: r["student_top1"] for k, r in by_seed.items()} for n, by_seed in runs.items()}
+    bases = [b for b in BASES if b in top1]
+    print("| run | seeds | per seed | student top-1 | teacher top-1 | "
+          + " | ".join(f"student - {b} (paired)" for b in bases) + " | teacher epochs |")
+    print("|---|---|---|---|---|" + "---|" * len(bases) + "---|")
+    for name in sorted(runs, key=lambda n: (n not in BASES, n)):
+        by_seed = dict(sorted(runs[name].items()))
+        m, sd = _mean_std(list(top1[name].values()))
+        tm, tsd = _mean_std([r["teacher_top1"] for r in by_seed.values()])
+        one = len(by_seed) == 1
+        diffs = []
+        for b in bases:
+            d, se, n = paired_difference(top1[name], top1[b]) if b != name else (None, None, 0)
+            diffs.append(fmt_pct(d, se, "+") + (f" ({n})" if n else ""))
+        r0 = next(iter(by_seed.values()))
+        t_ep = r0["epochs"] + r0.get("teacher_head_start_epochs", 0) if r0["teacher_top1"] is not None else "–"
+        print(f"| {name} | {','.join(map(str, by_seed))} | {', '.join(pct(v) for v in top1[name].values())} | "
+              f"{fmt_pct(m, None if one else sd)} | {fmt_pct(tm, None if one else tsd)} | " + " | ".join(diffs) + f" | {t_ep} |")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == ["--paired"]:
+        paired(sys.argv[2:])
+    else:
+        main(sys.argv[1:])
