@@ -1,7 +1,7 @@
 """Prints the markdown tables of docs/results.md from the study's run folders.
 
   python benchmarks/collect_results.py runs/ablation runs/study_full runs/study_lowres4
-  python benchmarks/collect_results.py --paired runs/study_full runs/abl_full   # one pooled table
+  python benchmarks/collect_results.py --paired [--rows=vanilla,dml,...] runs/study_full runs/abl_full
 
 An ablation folder (benchmarks/ablation.py) gives its table (mean ± std over the finished seeds);
 a comparison folder (python -m ekd_jax.compare) its results.md; any other folder one row per
@@ -42,7 +42,7 @@ def main(folders):
                       f"| {pct(s['teacher_top1'])} | {s['train_size']} | {s['student_input_shape']} | {s['wall_s'] / 60:.1f} |")
 
 
-def paired(folders):
+def paired(folders, rows=None):
     runs: dict[str, dict[int, dict]] = {}
     for folder in map(pathlib.Path, folders):
         for summ in sorted(folder.glob("*/summary.json")):
@@ -55,7 +55,9 @@ def paired(folders):
     print("| run | seeds | per seed | student top-1 | teacher top-1 | "
           + " | ".join(f"student - {b} (paired)" for b in bases) + " | teacher epochs |")
     print("|---|---|---|---|---|" + "---|" * len(bases) + "---|")
-    for name in sorted(runs, key=lambda n: (n not in BASES, n)):
+    for name in sorted(runs, key=lambda n: (0, BASES.index(n), "") if n in BASES else (1, 0, n)):
+        if rows and name not in rows:
+            continue
         by_seed = dict(sorted(runs[name].items()))
         m, sd = _mean_std(list(top1[name].values()))
         tm, tsd = _mean_std([r["teacher_top1"] for r in by_seed.values()])
@@ -72,6 +74,10 @@ def paired(folders):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--paired"]:
-        paired(sys.argv[2:])
+        args = sys.argv[2:]
+        rows = None
+        if args and args[0].startswith("--rows="):  # only these run names, e.g. --rows=vanilla,dml
+            rows, args = args[0].split("=", 1)[1].split(","), args[1:]
+        paired(args, rows)
     else:
         main(sys.argv[1:])
