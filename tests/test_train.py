@@ -221,3 +221,10 @@ def test_compare_runner_writes_table_and_runs_teacher_first(tmp_path):
     # The paired difference is kd's student minus vanilla's student of the same seed.
     diff = results["kd"][0]["student_top1"] - results["vanilla"][0]["student_top1"]
     assert stored["kd"]["minus_vanilla_n"] == 1 and stored["kd"]["minus_vanilla_mean"] == pytest.approx(diff)
+    # Methods without an online teacher record the head start they ran with (none), so a later
+    # comparison with another head start reuses them instead of training them again.
+    for run in ("vanilla_s0", "kd_s0", "teacher_s0"):
+        cfg = json.loads((tmp_path / run / "summary.json").read_text())["config"]
+        assert cfg["teacher"]["head_start"] == 0.0, run
+    again = compare.compare(tiny(num_epochs=1, **{"teacher.head_start": 0.5}), ["vanilla"], [0], str(tmp_path))
+    assert again["vanilla"][0]["wall_s"] == results["vanilla"][0]["wall_s"]  # reused, not retrained
