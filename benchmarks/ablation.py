@@ -30,7 +30,7 @@ RAMP_NORM = {"loss.ramp_length": 0.5, "loss.feature_norm": True, "loss.feature_r
 LATE_NORM = {"loss.ramp_start": 0.5, "loss.ramp_length": 0.2, "loss.feature_norm": True, "loss.feature_reduction": "sum"}
 VARIANTS = {
     "vanilla": {"method": "vanilla"},
-    "dml": {"method": "dml"},
+    "dml": {"method": "dml", "teacher.head_start": 0.0},  # DML as published: both start together
     "ekd_as_written": {"method": "ekd"},  # METHOD.md defaults: alpha=beta=1, tau 4, raw MSE, from step 0
     "ekd_ramp_norm": {"method": "ekd", **RAMP_NORM},
     "ekd_ramp_norm_coevo": {"method": "ekd", **RAMP_NORM, "loss.gamma": 1.0},
