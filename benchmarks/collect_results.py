@@ -68,6 +68,10 @@ def paired(folders, rows=None):
             diffs.append(fmt_pct(d, se, "+") + (f" ({n})" if n else ""))
         r0 = next(iter(by_seed.values()))
         t_ep = r0["epochs"] + r0.get("teacher_head_start_epochs", 0) if r0["teacher_top1"] is not None else "–"
+        ckpt = r0["config"]["teacher"].get("checkpoint")
+        if ckpt:  # an offline method: its teacher trained in another run
+            t_sum = pathlib.Path(ckpt) / "summary.json"
+            t_ep = json.loads(t_sum.read_text())["epochs"] if t_sum.exists() else "?"
         print(f"| {name} | {','.join(map(str, by_seed))} | {', '.join(pct(v) for v in top1[name].values())} | "
               f"{fmt_pct(m, None if one else sd)} | {fmt_pct(tm, None if one else tsd)} | " + " | ".join(diffs) + f" | {t_ep} |")
 
