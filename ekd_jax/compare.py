@@ -47,8 +47,7 @@ def run_one(config, workdir: pathlib.Path) -> dict:
 def _drop_unused_head_start(c) -> None:
     """Methods without an online teacher ignore teacher.head_start: record it as 0, what they run
     with, so that their runs are reused whatever the head start of the online methods."""
-    m = METHODS[c.method]
-    if not (m.teacher_trainable and m.runs_student):
+    if not METHODS[c.method].online_teacher:
         c.teacher.head_start = 0.0
 
 

@@ -98,6 +98,11 @@ class Method:
     loss: LossFn
     description: str
 
+    @property
+    def online_teacher(self) -> bool:
+        """The teacher learns next to the student (dml, ekd): what a teacher head start applies to."""
+        return self.teacher_trainable and self.runs_student
+
 
 def _mask(cfg: LossConfig, o: Outputs):
     """Per-sample transfer weights (N,) or None; never differentiated (a weight, not a target)."""

@@ -91,7 +91,7 @@ def build_networks(
         )
     if student_start < 0:
         raise ValueError(f"teacher.head_start must be >= 0, got a head start of {student_start} steps")
-    if student_start and not (method.teacher_trainable and method.runs_student):
+    if student_start and not method.online_teacher:
         raise ValueError(
             f"a teacher head start needs a teacher that learns online next to the student "
             f"(methods 'ekd', 'dml'); method {method.name!r} has none"

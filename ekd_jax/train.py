@@ -172,8 +172,7 @@ def _head_start_epochs(config) -> int:
     h = float(config.teacher.head_start)
     if not (h >= 0.0):
         raise ValueError(f"teacher.head_start={h} must be >= 0 (a fraction of num_epochs; 0 = no head start)")
-    m = step.get_method(config.method)
-    return int(round(h * config.num_epochs)) if (m.teacher_trainable and m.runs_student) else 0
+    return int(round(h * config.num_epochs)) if step.get_method(config.method).online_teacher else 0
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -188,7 +187,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     spe = data.steps_per_epoch(ds.train_size, config.batch_size)
     total_steps = spe * config.num_epochs  # the student's steps
     head = _head_start_epochs(config)
-    num_epochs = config.num_epochs + max(head, 0)  # the run's epochs (the teacher's)
+    num_epochs = config.num_epochs + head  # the run's epochs (the teacher's)
     t_shape = tuple(data.teacher_input_shape(config.data, ds.image_shape))
     s_shape = tuple(data.student_input_shape(config.data, ds.image_shape))
     views = functools.partial(_views, cfg=config.data, mean=ds.mean, std=ds.std)
