@@ -33,8 +33,8 @@ def main():
         nets = step.build_networks(cfg, 10, (32, 32, 3), (32, 32, 3), views, 1000, start)
         tx = step.make_optimizer(nets, 0.05, 0.9, 5e-4, teacher_learning_rate=0.05 if start else None)
         state = step.init_state(nets, tx, 0, mesh)
-        train_step, _ = step.compile_steps(nets, tx, mesh)
-        run = (lambda s, i: train_step(s, batch, i)) if start else (lambda s, i: train_step(s, batch))
+        train_step = step.compile_steps(nets, tx, mesh).train
+        run = lambda s, i: train_step(s, batch, i)  # noqa: E731  (i < start: the head-start program)
         t = time.perf_counter()
         state, m = run(state, 0)
         jax.block_until_ready(m)

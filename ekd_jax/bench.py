@@ -138,7 +138,7 @@ class StepTimer:
         schedule = train.make_schedule(cfg, steps_per_epoch, total_steps)
         tx = step.make_optimizer(nets, schedule, cfg.optimizer.momentum, cfg.optimizer.weight_decay, cfg.optimizer.nesterov)
         state = step.init_state(nets, tx, cfg.seed, mesh)
-        train_step, _ = step.compile_steps(nets, tx, mesh)
+        joint = step.compile_steps(nets, tx, mesh).programs["joint"]
 
         bs = cfg.batch_size
 
@@ -153,7 +153,7 @@ class StepTimer:
         jax.block_until_ready(batches)
 
         t0 = time.perf_counter()
-        compiled = train_step.lower(state, batches[0]).compile()
+        compiled = joint.lower(state, batches[0]).compile()
         compile_s = time.perf_counter() - t0
         return cls(compiled, state, batches, bs, compile_s, _flops(compiled), cfg.method)
 
@@ -273,6 +273,11 @@ def main() -> None:
     print(text)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console script ``ekd-bench`` (pyproject.toml) = ``python -m ekd_jax.bench``."""
     # ValueError covers BenchError and the trainer's own validation (models, methods, ...).
     cli.run(main, required=("config",))
+
+
+if __name__ == "__main__":
+    run()

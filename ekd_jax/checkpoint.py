@@ -2,7 +2,9 @@
 
 Pitfall avoided: ``max_to_keep`` together with ``best_fn`` can delete the latest checkpoint, which
 breaks resume. We use a preservation policy that keeps the latest N *and* the best by student
-accuracy. A checkpoint that fails to restore is reported and the previous one is tried.
+accuracy. On resume, a checkpoint of another config or state shape is refused before its state is
+read; only one whose files fail to read is reported as corrupt, moved aside (never deleted), and
+the previous one tried.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import logging
 import pathlib
 import shutil
 import sys
-from typing import Any
+from typing import Any, Callable
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
@@ -25,11 +29,41 @@ class CorruptCheckpointError(ValueError):
     pass
 
 
+def _summary(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def _structure_difference(stored: Any, abstract: Any) -> list[str]:
+    """Leaf paths where a checkpoint's stored tree (orbax metadata) and the expected state differ
+    in presence, shape or dtype; empty when the checkpoint can hold this state."""
+    def name(k) -> str:  # a dict key, attribute or index alike: orbax stores every node as a dict or list
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    def leaves(tree):
+        return {"/".join(name(k) for k in p): (tuple(x.shape), np.dtype(x.dtype).name)
+                for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    a, b = leaves(stored), leaves(abstract)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k not in a:
+            out.append(f"{k} missing from the checkpoint")
+        elif k not in b:
+            out.append(f"{k} not in this run's state")
+        elif a[k] != b[k]:
+            out.append(f"{k} is {a[k][1]}{list(a[k][0])} in the checkpoint, {b[k][1]}{list(b[k][0])} here")
+    return out
+
+
 class Checkpointer:
     """Saves/restores ``{'state': pytree, 'meta': json}`` under ``<workdir>/checkpoints``."""
 
     def __init__(self, workdir: str | pathlib.Path, keep: int = 2, async_save: bool = True):
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.aside_directory = self.directory.parent / "corrupt_checkpoints"
         policy = ocm.AnyPreservationPolicy(
             [ocm.LatestN(n=keep), ocm.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1)]
         )
@@ -38,7 +72,13 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_names=("state", "meta"),
+            # Registered up front so that a step's metadata (tree, shapes) reads without the state.
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+        )
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -51,43 +91,66 @@ class Checkpointer:
             metrics={BEST_METRIC: float(best_key)},
         )
 
-    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
+    def _move_aside(self, step: int, msg: str) -> None:
+        """Moves a corrupt step out of the manager's way, never overwriting an earlier copy."""
+        self.aside_directory.mkdir(exist_ok=True)
+        aside, n = self.aside_directory / str(step), 1
+        while aside.exists():  # the same step may have been moved aside before: keep both
+            aside, n = self.aside_directory / f"{step}.{n}", n + 1
+        shutil.move(str(self.directory / str(step)), aside)
+        self.manager.reload()
+        log.error("%s; moved to %s, trying the previous one", msg, aside)
+        print(f"warning: {msg}; moved to {aside}, trying the previous one", file=sys.stderr, flush=True)
+
+    def restore_latest(
+        self, abstract_state: Any, check_meta: Callable[[dict], None] | None = None
+    ) -> tuple[Any, dict] | None:
         """The newest checkpoint that restores cleanly, or None when there is none.
 
-        A checkpoint that fails to restore is reported (logged as an error, not skipped
-        silently) and the previous one is used; if every one fails, raises.
+        Each step's small ``meta`` item is read first and handed to ``check_meta``, which raises
+        (e.g. ValueError: a different config) to refuse the workdir before any state is read; a
+        checkpoint whose tree or shapes do not fit ``abstract_state`` is refused the same way. Only
+        a step whose files fail to read is corrupt: it is reported, moved to
+        ``corrupt_checkpoints/`` (nothing is deleted), and the previous step is tried.
         """
-        steps = self.all_steps()
-        if not steps:
-            return None
         errors = []
-        for step in reversed(steps):
+        for step in reversed(self.all_steps()):
+            where = f"checkpoint at step {step} in {self.directory}"
+            try:
+                meta = dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+                stored = self.manager.item_metadata(step)["state"]
+            except Exception as e:  # orbax raises many types for truncated/missing files
+                errors.append(f"{where} is corrupt or incomplete ({_summary(e)})")
+                self._move_aside(step, errors[-1])
+                continue
+            if check_meta is not None:
+                check_meta(meta)
+            tree = getattr(stored, "tree", stored)
+            diff = _structure_difference(tree, abstract_state) if tree is not None else []
+            if diff:
+                raise ValueError(
+                    f"{where} holds a state of another shape than this run's ({'; '.join(diff[:3])}"
+                    + (f"; {len(diff) - 3} more" if len(diff) > 3 else "")
+                    + "): it was written by another version of ekd_jax or another config. Use a new "
+                    "--workdir (the checkpoints are left as they are)"
+                )
             try:
                 restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-                    ),
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
                 )
-            except Exception as e:  # orbax raises many types for truncated/missing files
-                msg = f"checkpoint at step {step} in {self.directory} is corrupt or incomplete ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-                errors.append(msg)
-                # Moved aside (kept for inspection) so a new save of this step is not blocked by it.
-                aside = self.directory.parent / "corrupt_checkpoints" / str(step)
-                aside.parent.mkdir(exist_ok=True)
-                shutil.rmtree(aside, ignore_errors=True)
-                shutil.move(str(self.directory / str(step)), aside)
-                self.manager.reload()
-                log.error("%s; moved to %s, trying the previous one", msg, aside)
-                print(f"warning: {msg}; moved to {aside}, trying the previous one", file=sys.stderr, flush=True)
+            except Exception as e:
+                errors.append(f"{where} is corrupt or incomplete ({_summary(e)})")
+                self._move_aside(step, errors[-1])
                 continue
             if errors:
                 print(f"warning: resumed from step {step} instead of the corrupt newer checkpoint(s)", file=sys.stderr, flush=True)
-            return restored["state"], dict(restored["meta"])
+            return restored["state"], meta
+        if not errors:
+            return None
         raise CorruptCheckpointError(
-            "every checkpoint in the workdir failed to restore: "
+            "every checkpoint in the workdir failed to read: "
             + "; ".join(errors)
-            + ". Remove the 'checkpoints' folder to start over, or use a new --workdir"
+            + f". They were moved to {self.aside_directory}; start again to train from scratch, or use a new --workdir"
         )
 
     def wait(self) -> None:
@@ -117,3 +180,23 @@ def load_network(directory: str | pathlib.Path, abstract_variables: Any | None =
         raise ValueError(f"no saved network at {path}: expected the 'student/' or 'teacher/' folder of a finished run")
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, abstract_variables) if abstract_variables is not None else ckptr.restore(path)
+
+
+def restore_network(directory: str | pathlib.Path):
+    """Loads a saved ``student/`` or ``teacher/`` folder: returns (module, variables, meta)."""
+    import json
+
+    import jax.numpy as jnp
+
+    from ekd_jax.models import create_model
+
+    directory = pathlib.Path(directory)
+    meta_path = directory / "network.json"
+    if not meta_path.exists():
+        raise ValueError(f"{directory} is not a saved network (no network.json): pass a run's student/ or teacher/ folder")
+    meta = json.loads(meta_path.read_text())
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[meta.get("dtype", "float32")]
+    model = create_model(meta["model"], meta["num_classes"], dtype=dtype)
+    x = jax.ShapeDtypeStruct((1, *meta["input_shape"]), jnp.float32)
+    abstract = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0), x)
+    return model, load_network(directory, abstract), meta

@@ -13,6 +13,14 @@ from typing import Callable, Sequence
 from absl import app, flags, logging
 
 
+# Optional dependencies (imported lazily, only by the features that need them) -> what installs
+# them: the extras of pyproject.toml's [project.optional-dependencies].
+OPTIONAL_MODULES: dict[str, str] = {
+    "tensorflow_datasets": "pip install 'ekd_jax[tfds]' (data.source='tfds:<name>')",
+    "tensorflow": "pip install 'ekd_jax[tfds]' (TFDS data) or 'ekd_jax[export]' (SavedModel export)",
+}
+
+
 def fail(msg: object) -> None:
     print("error: " + " ".join(str(msg).split()), file=sys.stderr)  # always one line
     sys.exit(2)
@@ -61,5 +69,10 @@ def run(main: Callable[[], object], required: Sequence[str] = (), errors: tuple 
             main()
         except errors as e:
             fail(e)
+        except ModuleNotFoundError as e:  # a missing optional dependency: name the extra
+            hint = OPTIONAL_MODULES.get((e.name or "").partition(".")[0])
+            if hint is None:
+                raise
+            fail(f"{e}, an optional dependency: {hint}")
 
     app.run(wrapped, flags_parser=parse)

@@ -89,7 +89,7 @@ def paired_difference(values: dict[int, float], base: dict[int, float]) -> tuple
     The same seed gives both runs the same student initialisation and the same batches, so the
     per-seed difference removes most of the seed-to-seed spread that the two means carry.
     """
-    d = [v - base[k] for k, v in values.items() if k in base]
+    d = [v - base[k] for k, v in values.items() if v is not None and base.get(k) is not None]
     if not d:
         return None, None, 0
     return float(np.mean(d)), (float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None), len(d)
@@ -177,5 +177,10 @@ def main() -> None:
     print((pathlib.Path(FLAGS.workdir) / "results.md").read_text())
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console script ``ekd-compare`` (pyproject.toml) = ``python -m ekd_jax.compare``."""
     cli.run(main, required=("config", "workdir"))
+
+
+if __name__ == "__main__":
+    run()

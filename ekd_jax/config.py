@@ -7,12 +7,21 @@ Where a value is our reading of the paper rather than the paper's, METHOD.md and
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import errno
 import json
+import math
+import numbers
+import os
+import pathlib
+import uuid
 
 import ml_collections
 
-from ekd_jax import data
-from ekd_jax.methods import LossConfig
+from ekd_jax import data, losses
+from ekd_jax.guided import GUIDE_KINDS
+from ekd_jax.methods import LossConfig, get_method
+from ekd_jax.models import available_models
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -26,9 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Online methods (ekd, dml): the teacher first trains alone, from scratch, for head_start x
     # num_epochs epochs (rounded to whole epochs); then the student and guided modules start and
     # train their full num_epochs while the teacher goes on, on its own LR schedule over the longer
-    # run. 0 = both start together. Ignored by methods without an online teacher. Default 1.0 from
-    # the recorded study (docs/results.md): the teacher first trains for the student's budget.
-    c.teacher.head_start = 1.0
+    # run. Ignored by methods without an online teacher. Default 0: teacher and student start
+    # together, from scratch, as the paper states (METHOD.md); a head start departs from it.
+    c.teacher.head_start = 0.0
     c.student = ml_collections.ConfigDict()
     c.student.model = "resnet8"
 
@@ -56,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.guided = ml_collections.ConfigDict()
     c.guided.type = "adapter"  # adapter | aux_head
     c.guided.stages = ()  # stage-pair indices used by ekd / at; empty = all pairs
+    # aux_head: whether the teacher-side heads' label CE also trains the teacher backbone (extra
+    # supervision no baseline gets); False = the heads learn on stop-gradient teacher maps.
+    c.guided.aux_teacher_backbone_grad = False
     c.guided.hint_stage = 1  # fitnet: the stage pair of the hint (RepDistiller hint_layer=2 = stage 2)
 
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and optimizer stay float32)
@@ -69,7 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 # Switches whose default has changed since they were added: the value that reproduces what the
 # project did before the switch existed (a stored config without the key ran with this value).
-BEHAVIOUR_BEFORE_SWITCH = {("teacher", "head_start"): 0.0}
+BEHAVIOUR_BEFORE_SWITCH = {
+    ("teacher", "head_start"): 0.0,
+    ("loss", "mask_mean"): "batch",
+    ("guided", "aux_teacher_backbone_grad"): True,
+}
 
 
 def config_difference(stored: dict, current: dict) -> list[str]:
@@ -102,3 +118,110 @@ def config_difference(stored: dict, current: dict) -> list[str]:
                 yield f"{prefix}{k}"
 
     return list(walk(stored, current, defaults, ""))
+
+
+# --------------------------------------------------------------------------- validation
+
+LOSS_CHOICES = {
+    "feature_reduction": ("mean", "sum"),
+    "ramp_shape": ("linear", "sigmoid"),
+    "transfer_mask": ("none", "teacher_correct", "teacher_ahead"),
+    "mask_mean": losses.WEIGHTED_MEANS,
+}
+SCHEDULES = ("multistep", "cosine", "constant")
+DTYPES = ("float32", "bfloat16")
+
+
+def _number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def _int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def validate(config) -> None:
+    """Refuses a config that cannot give a meaningful run, before any work (data, compile, state).
+
+    Each ValueError names the option, the value and the fix, in one line. Checks that need the
+    data (image sizes, class counts) or the networks (stage pairs) follow in ``data`` and
+    ``step.build_networks``, still before anything is compiled.
+    """
+    def need(ok: bool, key: str, value, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{key}={value!r} is not valid: {what}; fix --config.{key}")
+
+    get_method(config.method)
+    for which in ("teacher", "student"):
+        name = config[which].model
+        close = difflib.get_close_matches(str(name), available_models(), n=1)
+        need(name in available_models(), f"{which}.model", name, "unknown model"
+             + (f" (did you mean {close[0]!r}?)" if close else "") + f"; use one of {', '.join(available_models())}")
+    need(_int(config.seed), "seed", config.seed, "an integer")
+    for key, low in (("num_epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("eval_every_epochs", 1),
+                     ("log_every_steps", 1), ("checkpoint_keep", 1)):
+        need(_int(config[key]) and config[key] >= low, key, config[key], f"an integer >= {low}")
+    need(config.dtype in DTYPES, "dtype", config.dtype, f"use one of {DTYPES}")
+    h = config.teacher.head_start
+    need(_number(h) and h >= 0, "teacher.head_start", h, "a fraction of num_epochs >= 0 (0 = no head start)")
+
+    o = config.optimizer
+    need(_number(o.learning_rate) and o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a number > 0")
+    need(_number(o.momentum) and 0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "a number in [0, 1)")
+    need(_number(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "a number >= 0")
+    need(not o.nesterov or o.momentum > 0, "optimizer.nesterov", o.nesterov, "Nesterov needs optimizer.momentum > 0")
+
+    s = config.schedule
+    need(s.name in SCHEDULES, "schedule.name", s.name, f"use one of {SCHEDULES}")
+    ms = tuple(s.milestones)
+    need(all(_number(m) and 0 < m < 1 for m in ms), "schedule.milestones", ms, "fractions of training in (0, 1)")
+    need(all(a < b for a, b in zip(ms, ms[1:])), "schedule.milestones", ms, "strictly increasing")
+    need(_number(s.decay_factor) and 0 < s.decay_factor <= 1, "schedule.decay_factor", s.decay_factor, "a number in (0, 1]")
+    need(_number(s.warmup_epochs) and 0 <= s.warmup_epochs < config.num_epochs, "schedule.warmup_epochs",
+         s.warmup_epochs, f"a number of epochs in [0, num_epochs={config.num_epochs})")
+
+    ls = config.loss
+    for key in ("tau", "dml_tau", "at_p"):
+        need(_number(ls[key]) and ls[key] > 0, f"loss.{key}", ls[key], "a number > 0")
+    for key in ("ce_weight", "alpha", "beta", "gamma", "dml_weight", "fitnet_weight", "at_weight"):
+        need(_number(ls[key]) and ls[key] >= 0, f"loss.{key}", ls[key], "a weight >= 0")
+    need(_number(ls.label_smoothing) and 0 <= ls.label_smoothing < 1, "loss.label_smoothing", ls.label_smoothing,
+         "a number in [0, 1)")
+    need(all(_number(w) and w >= 0 for w in ls.stage_weights), "loss.stage_weights", tuple(ls.stage_weights),
+         "weights >= 0, one per stage pair (empty = all 1)")
+    for key in ("ramp_start", "ramp_length"):
+        need(_number(ls[key]) and 0 <= ls[key] <= 1, f"loss.{key}", ls[key], "a fraction of training in [0, 1]")
+    for key in ("kd_ramp_start", "kd_ramp_length"):
+        need(_number(ls[key]) and ls[key] <= 1, f"loss.{key}", ls[key],
+             "a fraction of training in [0, 1], or negative to follow loss.ramp_*")
+    for key, choices in LOSS_CHOICES.items():
+        need(ls[key] in choices, f"loss.{key}", ls[key], f"use one of {choices}")
+
+    g = config.guided
+    need(g.type in GUIDE_KINDS, "guided.type", g.type, f"use one of {GUIDE_KINDS}")
+    need(all(_int(k) and k >= 0 for k in g.stages), "guided.stages", tuple(g.stages),
+         "stage-pair indices >= 0 (empty = all pairs)")
+    need(len(set(g.stages)) == len(tuple(g.stages)), "guided.stages", tuple(g.stages), "each pair at most once")
+    need(_int(g.hint_stage) and g.hint_stage >= 0, "guided.hint_stage", g.hint_stage, "a stage-pair index >= 0")
+    data.check_config(config.data)
+
+
+def prepare_workdir(workdir) -> pathlib.Path:
+    """Creates ``workdir`` (and its parents) and proves it writable, or refuses it with the fix."""
+    if not workdir or not str(workdir).strip():
+        raise ValueError("--workdir is empty: give the folder for the run's checkpoints and outputs")
+    path = pathlib.Path(workdir).expanduser().absolute()
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(
+                f"--workdir {str(workdir)!r} cannot be a folder: {p} is a file. Choose another --workdir"
+            )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_probe_{uuid.uuid4().hex}"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        why = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {os.strerror(e.errno) if e.errno else e}"
+        raise ValueError(f"cannot write in --workdir {str(workdir)!r} ({why}); choose a folder you can write to") from e
+    return path

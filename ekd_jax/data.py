@@ -111,7 +111,7 @@ class Dataset:
 def load_dataset(cfg: Any) -> Dataset:
     """Loads ``cfg.source`` into memory, resized, validated and optionally subset."""
     kind, arg = _parse_source(_get(cfg, "source"))
-    _check_config(cfg)
+    check_config(cfg)
     image_size = _get(cfg, "image_size")
 
     if kind == "digits":
@@ -167,8 +167,9 @@ def _parse_source(source: Any) -> tuple[str, str]:
     )
 
 
-def _check_config(cfg: Any) -> None:
+def check_config(cfg: Any) -> None:
     """Checks the fields that do not need the data, before any (slow) loading."""
+    _parse_source(_get(cfg, "source"))
     image_size = _get(cfg, "image_size")
     if image_size is not None and (not _is_int(image_size) or image_size < 1):
         raise ValueError(

@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 import time
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 import ekd_jax  # noqa: F401  (applies the XLA CPU defaults before jax starts)
-from ekd_jax import data, export, losses, parallel
+from ekd_jax import data, evaluation, export, parallel
 
 NETWORKS = ("teacher", "student")
 RESULT_FILE = "evaluation.json"
@@ -79,37 +76,21 @@ def evaluate_network(
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch_size(batch_size, mesh, "eval_batch_size")
     apply = export.apply_fn(module, meta, which, cfg)
+    k = meta["num_classes"]
 
-    def step(variables, images, labels):
-        logits = apply(variables, images)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return (
-            losses.topk_correct(logits, labels, 1),
-            losses.topk_correct(logits, labels, 5),
-            ce,
-            jnp.argmax(logits, axis=-1),
-        )
+    def sums(variables, batch):  # the same masked sums as training's evaluation
+        logits = apply(variables, batch["image"])
+        return {**evaluation.count_sum(batch["mask"]),
+                **evaluation.classification_sums(logits, batch["label"], batch["mask"], num_classes=k)}
 
     rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    step = jax.jit(step, in_shardings=(rep, bat, bat), out_shardings=rep)
-    variables = parallel.replicate(variables, mesh)
-    k = meta["num_classes"]
-    confusion = np.zeros((k, k), np.int64)
-    sums = np.zeros(3)
-    for xb, yb, mask in data.eval_batches(x, y, batch_size):
-        batch = parallel.shard_batch({"image": xb, "label": yb}, mesh)
-        out = jax.device_get(step(variables, batch["image"], batch["label"]))
-        real = mask > 0
-        sums += [float(np.sum(o[real])) for o in out[:3]]
-        np.add.at(confusion, (yb[real], out[3][real]), 1)
-    n = len(y)
+    sums = jax.jit(sums, in_shardings=(rep, bat), out_shardings=rep)
+    totals = evaluation.accumulate(sums, parallel.replicate(variables, mesh), x, y, batch_size, mesh)
     return {
         "model": meta["model"],
         "input_shape": meta["input_shape"],
-        "top1": sums[0] / n,
-        "top5": sums[1] / n,
-        "loss": sums[2] / n,
-        "confusion": confusion,
+        **evaluation.means(totals),
+        "confusion": np.rint(totals["confusion"]).astype(np.int64),
     }
 
 
@@ -235,5 +216,10 @@ def _cli() -> None:
     cli.run(main, required=("workdir",), errors=(ValueError, RuntimeError))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console script ``ekd-evaluate`` (pyproject.toml) = ``python -m ekd_jax.evaluate``."""
     _cli()
+
+
+if __name__ == "__main__":
+    run()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -47,9 +46,9 @@ FORMAT_VERSION = 1
 
 def load_network(directory: str | pathlib.Path):
     """(module, variables, meta) of a saved ``student/`` or ``teacher/`` folder, in its trained dtype."""
-    from ekd_jax import train  # lazy: pulls in the training stack (optax, orbax)
+    from ekd_jax import checkpoint  # lazy: pulls in orbax
 
-    return train.restore_network(directory)
+    return checkpoint.restore_network(directory)
 
 
 def apply_fn(module, meta: dict, which: str = "student", data_cfg: Any = None) -> Callable:
@@ -246,5 +245,10 @@ def _cli() -> None:
     cli.run(main, required=("workdir",))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console script ``ekd-export`` (pyproject.toml) = ``python -m ekd_jax.export``."""
     _cli()
+
+
+if __name__ == "__main__":
+    run()

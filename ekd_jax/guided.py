@@ -14,6 +14,8 @@ Two kinds of guided module, both trained and dropped at deployment:
   the student then mimics the teacher map through a feature distance.
 - ``aux_head``: on both sides, 3x3 conv -> BatchNorm -> ReLU -> global pool -> linear classifier; the
   teacher-side heads learn from labels, the student-side heads mimic them through a temperature KL.
+  By default the teacher-side heads see stop-gradient teacher maps, so their label loss trains
+  the heads only, not the teacher backbone (``teacher_backbone_grad`` switches that on).
 """
 
 from __future__ import annotations
@@ -103,6 +105,9 @@ class GuidedModules(nn.Module):
     teacher_shapes: tuple[tuple[int, int, int], ...]
     num_classes: int = 0
     dtype: jnp.dtype | None = None
+    # aux_head: let the teacher-side heads' gradient reach the teacher's stage maps (and so its
+    # backbone). Off: the heads learn on stop-gradient maps, the backbone only from its own loss.
+    teacher_backbone_grad: bool = False
 
     @nn.compact
     def __call__(self, student_maps, teacher_maps, train: bool):
@@ -114,6 +119,7 @@ class GuidedModules(nn.Module):
                 out["student"].append(Adapter(shape, self.dtype, name=f"adapter{k}")(fs, train))
             else:
                 ch = shape[-1]
+                ft = ft if self.teacher_backbone_grad else jax.lax.stop_gradient(ft)
                 out["student"].append(AuxHead(self.num_classes, ch, self.dtype, name=f"student_head{k}")(fs, train))
                 out["teacher"].append(AuxHead(self.num_classes, ch, self.dtype, name=f"teacher_head{k}")(ft, train))
         return out

@@ -24,24 +24,44 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return jnp.mean(optax.softmax_cross_entropy(logits, targets))
 
 
+WEIGHTED_MEANS = ("kept", "batch")
+
+
+def weighted_mean(per_sample: jax.Array, weights: jax.Array | None = None, over: str = "kept") -> jax.Array:
+    """Mean of per-sample values (N,) under optional per-sample weights (N,) in [0, 1].
+
+    ``over='kept'``: sum(w * x) / max(sum(w), 1) -- the mean over the samples the weights keep, so
+    the weights choose *which* samples count, not how strongly the term weighs as the number of
+    kept samples moves (with weights that are all 1 it is the plain batch mean).
+    ``over='batch'``: mean(w * x) over the whole batch (the term shrinks with the kept fraction).
+    """
+    if weights is None:
+        return jnp.mean(per_sample)
+    w = _f32(weights)
+    if over == "kept":
+        return jnp.sum(per_sample * w) / jnp.maximum(jnp.sum(w), 1.0)
+    if over == "batch":
+        return jnp.mean(per_sample * w)
+    raise ValueError(f"unknown weighted mean {over!r}; use one of {WEIGHTED_MEANS}")
+
+
 def kl_divergence(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
     tau: float,
     weights: jax.Array | None = None,
+    over: str = "kept",
 ) -> jax.Array:
     """Hinton's temperature KL: KL(softmax(t/tau) || softmax(s/tau)), batch mean times tau^2.
 
     Equals PyTorch's ``KLDivLoss(reduction='batchmean')(log_softmax(s/tau), softmax(t/tau)) * tau**2``.
-    The caller decides about stop-gradients. ``weights`` (N,) optionally weights each sample
-    (the mean is still over the whole batch).
+    The caller decides about stop-gradients. ``weights`` (N,) optionally weights each sample,
+    averaged as :func:`weighted_mean` ``over`` says.
     """
     log_p_s = jax.nn.log_softmax(_f32(student_logits) / tau, axis=-1)
     log_p_t = jax.nn.log_softmax(_f32(teacher_logits) / tau, axis=-1)
     per_sample = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
-    if weights is not None:
-        per_sample = per_sample * weights
-    return jnp.mean(per_sample) * tau**2
+    return weighted_mean(per_sample, weights, over) * tau**2
 
 
 def l2_normalize_per_sample(f: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -58,6 +78,7 @@ def feature_distance(
     normalize: bool = False,
     reduction: str = "mean",
     weights: jax.Array | None = None,
+    over: str = "kept",
 ) -> jax.Array:
     """Squared-error distance between feature maps of equal shape.
 
@@ -65,6 +86,7 @@ def feature_distance(
     reduction='sum': sum over each sample's elements, then mean over the batch — keeps the term's
     scale independent of the map size, which matters once features are L2-normalised per sample
     (element-averaged normalised MSE is ~1e-3 and does nothing).
+    ``weights`` (N,) optionally weights each sample, averaged as :func:`weighted_mean` ``over`` says.
     """
     if student_f.shape != teacher_f.shape:
         raise ValueError(f"feature shapes differ: student {student_f.shape} vs teacher {teacher_f.shape}")
@@ -78,16 +100,16 @@ def feature_distance(
         per_sample = jnp.sum(sq, axis=-1)
     else:
         raise ValueError(f"unknown feature reduction {reduction!r}; use 'mean' or 'sum'")
-    if weights is not None:
-        per_sample = per_sample * weights
-    return jnp.mean(per_sample)
+    return weighted_mean(per_sample, weights, over)
 
 
 def attention_map(f: jax.Array, p: float = 2.0) -> jax.Array:
     """Zagoruyko & Komodakis attention: mean_c |f|^p over channels, flattened, L2-normalised. (N, H*W)."""
     f = _f32(f)
     a = jnp.mean(jnp.abs(f) ** p, axis=-1).reshape(f.shape[0], -1)
-    return a / (jnp.linalg.norm(a, axis=-1, keepdims=True) + 1e-12)
+    # a / max(||a||, eps) (PyTorch's F.normalize) with a finite gradient on an all-zero map,
+    # where d||a|| is 0/0.
+    return a / optax.safe_norm(a, 1e-12, axis=-1, keepdims=True)
 
 
 def attention_transfer(student_f: jax.Array, teacher_f: jax.Array, p: float = 2.0) -> jax.Array:

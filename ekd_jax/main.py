@@ -25,5 +25,10 @@ def main() -> None:
     print(json.dumps({k: summary[k] for k in keys}))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console script ``ekd-train`` (pyproject.toml) = ``python -m ekd_jax.main``."""
     cli.run(main, required=("config", "workdir"), errors=(ValueError, train.NonFiniteLossError))
+
+
+if __name__ == "__main__":
+    run()

@@ -51,6 +51,10 @@ class LossConfig:
     # else 0) or "teacher_ahead" (max(0, p_T(y) - p_S(y)): how much more probability the teacher
     # puts on the true label than the student, so a teacher no better than the student transfers nothing).
     transfer_mask: str = "teacher_correct"
+    # How a masked term averages (losses.weighted_mean): "kept" = over the samples the mask keeps,
+    # sum(w x) / max(sum(w), 1), so the mask picks which samples transfer and the term's weight does
+    # not move with the teacher's batch accuracy; "batch" = over the whole batch (as before the switch).
+    mask_mean: str = "kept"
     dml_weight: float = 1.0
     dml_tau: float = 1.0
     fitnet_weight: float = 100.0
@@ -148,8 +152,9 @@ def _fitnet(o, cfg, progress):
 def _at(o, cfg, progress):
     at = 0.0
     for fs, ft in zip(o.student_stages, o.teacher_stages):
-        # Attention maps need equal spatial sizes: bring the larger map down to the smaller one.
-        hw = min(fs.shape[1:3], ft.shape[1:3])
+        # Attention maps need equal spatial sizes: bring the larger map down to the smaller one
+        # (per dimension: min of the tuples would compare them lexicographically).
+        hw = (min(fs.shape[1], ft.shape[1]), min(fs.shape[2], ft.shape[2]))
         at = at + losses.attention_transfer(resize_to(fs, hw), sg(resize_to(ft, hw)), cfg.at_p)
     return {
         "student/ce": cfg.ce_weight * losses.cross_entropy(o.student_logits, o.labels, cfg.label_smoothing),
@@ -183,19 +188,19 @@ def _ekd(o, cfg, progress):
         )
     if cfg.alpha:
         terms["student/kd"] = cfg.alpha * transfer_weight(cfg, progress, "kd") * losses.kl_divergence(
-            o.student_logits, tgt(o.teacher_logits), cfg.tau, mask
+            o.student_logits, tgt(o.teacher_logits), cfg.tau, mask, cfg.mask_mean
         )
     if cfg.beta and o.guide is not None:
         weights = _stage_weights(cfg, len(o.guide["student"]))
         if o.guide["teacher"]:  # aux_head: teacher heads learn from labels, student heads mimic them
             terms["teacher/aux_ce"] = sum(losses.cross_entropy(h, o.labels, ls) for h in o.guide["teacher"])
             dist = sum(
-                wk * losses.kl_divergence(hs, tgt(ht), cfg.tau, mask)
+                wk * losses.kl_divergence(hs, tgt(ht), cfg.tau, mask, cfg.mask_mean)
                 for wk, hs, ht in zip(weights, o.guide["student"], o.guide["teacher"])
             )
         else:
             dist = sum(
-                wk * losses.feature_distance(g, tgt(ft), cfg.feature_norm, cfg.feature_reduction, mask)
+                wk * losses.feature_distance(g, tgt(ft), cfg.feature_norm, cfg.feature_reduction, mask, cfg.mask_mean)
                 for wk, g, ft in zip(weights, o.guide["student"], o.teacher_stages)
             )
         terms["student/guided"] = cfg.beta * w * dist

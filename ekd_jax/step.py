@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ekd_jax import losses, parallel
+from ekd_jax import evaluation, losses, parallel
+from ekd_jax.config import LOSS_CHOICES
 from ekd_jax.guided import GUIDE_KINDS, GuidedModules, select_pairs
 from ekd_jax.methods import LossConfig, Method, Outputs, get_method, total_loss
 from ekd_jax.models import STAGE_SLICE, create_model
@@ -101,13 +102,9 @@ def build_networks(
     t_stages = _feature_shapes(teacher, teacher_input_shape)[STAGE_SLICE]
     s_stages = _feature_shapes(student, student_input_shape)[STAGE_SLICE]
     loss_cfg = LossConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.loss.items()})
-    for name, value, valid in (
-        ("loss.feature_reduction", loss_cfg.feature_reduction, ("mean", "sum")),
-        ("loss.ramp_shape", loss_cfg.ramp_shape, ("linear", "sigmoid")),
-        ("loss.transfer_mask", loss_cfg.transfer_mask, ("none", "teacher_correct", "teacher_ahead")),
-    ):
-        if value not in valid:
-            raise ValueError(f"{name}={value!r} is not valid; use one of {valid}")
+    for name, valid in LOSS_CHOICES.items():
+        if getattr(loss_cfg, name) not in valid:
+            raise ValueError(f"loss.{name}={getattr(loss_cfg, name)!r} is not valid; use one of {valid}")
 
     guides, pairs = None, ()
     if method.guide == "config" or method.name == "at":
@@ -129,6 +126,7 @@ def build_networks(
             teacher_shapes=tuple(t_stages[t] for _, t in pairs),
             num_classes=num_classes,
             dtype=dtype,
+            teacher_backbone_grad=bool(config.guided.aux_teacher_backbone_grad),
         )
     return Networks(
         method=method,
@@ -271,8 +269,8 @@ def loss_terms(nets: Networks, params, batch_stats, batch, step):
 def _head_start_step(nets: Networks, tx: optax.GradientTransformation, state: JointState, batch):
     """A step of the teacher head start: the teacher learns alone, from labels ('teacher' method's
     loss: no term that involves the waiting student); student and guided modules are not run and
-    stay bitwise unchanged (params, BN statistics, SGD state). Metrics have the joint step's keys,
-    the student's at 0."""
+    stay bitwise unchanged (params, BN statistics, SGD state). Metrics are the teacher's only
+    (``loss``, ``teacher/*``): the waiting student has no loss or accuracy to report."""
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     xt, _ = nets.views(batch["image"], key, True)
     teacher_loss = get_method("teacher").loss
@@ -289,10 +287,7 @@ def _head_start_step(nets: Networks, tx: optax.GradientTransformation, state: Jo
     inner = {k: (v if k == "teacher" else state.opt_state.inner_states[k]) for k, v in opt_state.inner_states.items()}
     opt_state = opt_state._replace(inner_states=inner)
     params = {**state.params, "teacher": optax.apply_updates(state.params["teacher"], updates["teacher"])}
-    shapes = jax.eval_shape(lambda s, b: _train_step(nets, tx, s, b)[1], state, batch)
-    metrics = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
-    metrics.update({"loss": loss.astype(metrics["loss"].dtype), **terms})
-    metrics["teacher/train_top1"] = jnp.mean(losses.topk_correct(zt, batch["label"], 1))
+    metrics = {"loss": loss, **terms, "teacher/train_top1": jnp.mean(losses.topk_correct(zt, batch["label"], 1))}
     new_state = state.replace(
         step=state.step + 1,
         params=params,
@@ -326,36 +321,55 @@ def _train_step(nets: Networks, tx: optax.GradientTransformation, state: JointSt
 def _eval_step(nets: Networks, state: JointState, batch):
     """Sums over the (masked) batch: correct top-1/top-5 and CE for teacher and student."""
     outputs, _ = forward(nets, state.params, state.batch_stats, batch["image"], batch["label"], None, train=False)
-    mask = batch["mask"].astype(jnp.float32)
-    sums = {"count": jnp.sum(mask)}
+    sums = evaluation.count_sum(batch["mask"])
     for who, logits in (("teacher", outputs.teacher_logits), ("student", outputs.student_logits)):
-        if logits is None:
-            continue
-        y = batch["label"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
-        sums[f"{who}/top1"] = jnp.sum(losses.topk_correct(logits, y, 1) * mask)
-        sums[f"{who}/top5"] = jnp.sum(losses.topk_correct(logits, y, 5) * mask)
-        sums[f"{who}/loss"] = jnp.sum(ce * mask)
+        if logits is not None:
+            sums.update(evaluation.classification_sums(logits, batch["label"], batch["mask"], f"{who}/"))
     return sums
 
 
-def compile_steps(nets: Networks, tx: optax.GradientTransformation, mesh):
-    """The jitted train step (state donated) and eval step over ``mesh``: batch sharded, state replicated.
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The compiled programs of a run.
 
-    With a teacher head start the train step is ``train_step(state, batch, step_index)``: the
-    caller's step number (host side, so no device round trip) picks the teacher-only step before
-    ``nets.student_start`` and the joint step after it, two separately compiled programs (a
-    ``lax.cond`` between them made XLA:CPU about 30x slower).
+    ``train(state, batch, step_index)`` is the one call signature: the caller's step number (on
+    the host, so no device round trip) picks the teacher-only head-start program before
+    ``nets.student_start`` and the joint program after it -- two separately compiled programs
+    (a ``lax.cond`` between them made XLA:CPU about 30x slower). ``eval(state, batch)`` returns
+    masked sums (``_eval_step``).
     """
+
+    train: Callable
+    eval: Callable
+    precompile: Callable  # precompile(state, batch_size, eval_batch_size, image_shape): all compiled now
+    programs: dict  # 'joint', 'head' (with a head start), 'eval': the jitted (or compiled) programs
+
+
+def compile_steps(nets: Networks, tx: optax.GradientTransformation, mesh) -> Steps:
+    """The jitted train step (state donated) and eval step over ``mesh``: batch sharded, state
+    replicated. Programs compile when first called, or all at once with ``precompile`` (so that,
+    e.g., an out-of-memory of the joint program after a head start shows up before training)."""
     rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     jit = functools.partial(jax.jit, in_shardings=(rep, bat), out_shardings=(rep, rep), donate_argnums=0)
-    joint = jit(lambda state, batch: _train_step(nets, tx, state, batch))
-    eval_step = jax.jit(lambda state, batch: _eval_step(nets, state, batch), in_shardings=(rep, bat), out_shardings=rep)
-    if nets.student_start <= 0:
-        return joint, eval_step
-    head = jit(lambda state, batch: _head_start_step(nets, tx, state, batch))
+    programs = {"joint": jit(lambda state, batch: _train_step(nets, tx, state, batch))}
+    if nets.student_start > 0:
+        programs["head"] = jit(lambda state, batch: _head_start_step(nets, tx, state, batch))
+    programs["eval"] = jax.jit(lambda state, batch: _eval_step(nets, state, batch), in_shardings=(rep, bat), out_shardings=rep)
 
-    def train_step(state, batch, step_index: int):
-        return (head if step_index < nets.student_start else joint)(state, batch)
+    def train(state, batch, step_index: int):
+        return programs["head" if step_index < nets.student_start else "joint"](state, batch)
 
-    return train_step, eval_step
+    def evaluate(state, batch):
+        return programs["eval"](state, batch)
+
+    def precompile(state, batch_size: int, eval_batch_size: int, image_shape) -> None:
+        def spec(n, with_mask=False):
+            b = {"image": jax.ShapeDtypeStruct((n, *image_shape), jnp.uint8, sharding=bat),
+                 "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=bat)}
+            return {**b, "mask": jax.ShapeDtypeStruct((n,), jnp.float32, sharding=bat)} if with_mask else b
+
+        for name, fn in list(programs.items()):
+            batch = spec(eval_batch_size, True) if name == "eval" else spec(batch_size)
+            programs[name] = fn.lower(state, batch).compile()
+
+    return Steps(train, evaluate, precompile, programs)

@@ -53,10 +53,10 @@ def fake_batch(step_index, batch_size=8, image_shape=(8, 8, 3), num_classes=5):
 
 
 def run_steps(nets, tx, state, mesh, n, batch_size=8, image_shape=(8, 8, 3)):
-    train_step, _ = step.compile_steps(nets, tx, mesh)
+    train_step = step.compile_steps(nets, tx, mesh).train
     metrics = []
     for i in range(n):
         batch = parallel.shard_batch(fake_batch(i, batch_size, image_shape), mesh)
-        state, m = train_step(state, batch, i) if nets.student_start else train_step(state, batch)
+        state, m = train_step(state, batch, i)
         metrics.append(m)
     return state, jax.device_get(metrics)

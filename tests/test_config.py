@@ -38,3 +38,20 @@ def test_a_switch_whose_default_changed_compares_against_the_old_behaviour():
     assert config_difference(stored, _json(current)) == []
     current.teacher.head_start = 1.0
     assert config_difference(stored, _json(current)) == ["teacher.head_start"]
+
+
+def test_default_is_the_paper_s_simultaneous_start():
+    """METHOD.md, "What the paper states", item 1: the default EKD has no teacher head start."""
+    c = base_config()
+    assert c.method == "ekd" and c.teacher.head_start == 0.0
+
+
+def test_switches_added_with_a_new_default_keep_old_runs_apart():
+    """Runs from before loss.mask_mean / guided.aux_teacher_backbone_grad ran with the batch mean
+    and with the teacher-side heads training the backbone: resumed only under that behaviour."""
+    stored = _json(base_config())
+    del stored["loss"]["mask_mean"], stored["guided"]["aux_teacher_backbone_grad"]
+    current = base_config()
+    assert config_difference(stored, _json(current)) == ["guided.aux_teacher_backbone_grad", "loss.mask_mean"]
+    current.loss.mask_mean, current.guided.aux_teacher_backbone_grad = "batch", True
+    assert config_difference(stored, _json(current)) == []
