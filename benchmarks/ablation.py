@@ -44,9 +44,12 @@ VARIANTS = {
     "ekd_beta0": {"loss.beta": 0.0},  # DML's two terms through EKD's code (should track dml)
     "ekd_beta03": {"loss.beta": 0.3},
     "ekd_beta3": {"loss.beta": 3.0},
+    "ekd_beta01": {"loss.beta": 0.1},
     "ekd_rawmean": {"loss.feature_norm": False, "loss.feature_reduction": "mean"},
     "ekd_last_stage": {"guided.stages": (2,)},
+    "ekd_stages01": {"guided.stages": (0, 1)},
     "ekd_auxhead": {"guided.type": "aux_head"},
+    "ekd_auxhead_tau4": {"guided.type": "aux_head", "loss.tau": 4.0},
     # logit term: temperature, direction
     "ekd_tau4": {"loss.tau": 4.0},
     "ekd_gamma0": {"loss.gamma": 0.0},  # one-way: the teacher learns from labels only
