@@ -128,29 +128,58 @@ def test_both_forms_reproduce_the_flax_student(exported, digits_test_split):
         np.testing.assert_allclose(got_tf, want, rtol=0, atol=ATOL)
 
 
+# Run before anything else in the subprocess: makes ekd_jax and the training stack unimportable
+# although they are on its path, and records every attempt to import them.
+BLOCK_IMPORTS = """
+import importlib.util, sys
+BLOCKED = ("ekd_jax", "flax", "optax", "orbax", "tensorflow")
+# They can be imported here: the block below, not a missing path, is what keeps them out.
+assert all(importlib.util.find_spec(m) is not None for m in BLOCKED[:4]), sys.path
+attempts = []
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            attempts.append(name)
+            raise ImportError(f"{name} is blocked by the test")
+        return None
+
+sys.meta_path.insert(0, Block())
+try:
+    import ekd_jax
+except ImportError:
+    pass
+else:
+    raise SystemExit("the import block does not work")
+attempts.clear()
+"""
+
+
 def test_export_runs_without_ekd_jax_and_matches_summary(tiny_export, digits_test_split, tmp_path):
     run, _, out = tiny_export
     x, y = digits_test_split
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y)
-    script = textwrap.dedent(
+    script = BLOCK_IMPORTS + textwrap.dedent(
         f"""
-        import json, sys
+        import json
         import jax, numpy as np
         x, y = np.load({str(tmp_path / 'x.npy')!r}), np.load({str(tmp_path / 'y.npy')!r})
         exp = jax.export.deserialize(open({str(out / export.EXPORT_FILE)!r}, "rb").read())
         logits = np.concatenate([np.asarray(exp.call(x[i:i + 100])) for i in range(0, len(x), 100)])
-        print(json.dumps({{"correct": int(np.sum(logits.argmax(-1) == y)), "n": len(y),
-                          "ekd_jax_imported": "ekd_jax" in sys.modules, "flax_imported": "flax" in sys.modules}}))
+        print(json.dumps({{"correct": int(np.sum(logits.argmax(-1) == y)), "n": len(y), "attempts": attempts,
+                          "loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}}))
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # ekd_jax (the repository) and the venv's flax/optax/orbax are on the subprocess's path.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["ekd_jax_imported"] is False and res["flax_imported"] is False
+    # Loading and running the artifact never even tried to import them.
+    assert res["attempts"] == [] and res["loaded"] == []
     summary = json.loads((run["workdir"] / "summary.json").read_text())
     assert res["n"] == summary["test_size"]
     assert res["correct"] == round(summary["student_top1"] * summary["test_size"])

@@ -48,10 +48,22 @@ def test_counts_and_feature_shapes_match_reference(name):
 @pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2"])
 @pytest.mark.parametrize("hw", [16, 64])
 def test_other_resolutions_and_grayscale(name, hw):
+    """Any power-of-two resolution and one channel: the same layers (no resolution-dependent
+    weights), and every feature map is the reference's scaled by hw / 32 with the same channels."""
     model, variables, x = _abstract(name, hw=hw, channels=1, num_classes=10)
+    _, at_32, _ = _abstract(name, hw=32, channels=1, num_classes=10)
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(at_32)
+    assert [v.shape for v in jax.tree_util.tree_leaves(variables)] == [v.shape for v in jax.tree_util.tree_leaves(at_32)]
+    # And in the reference's setting (RGB, 100 classes) at this resolution: exactly its counts.
+    ref = REF[name]
+    _, rgb, _ = _abstract(name, hw=hw)
+    assert _count(rgb["params"]) == ref["trainable_params"] and _count(rgb["batch_stats"]) == ref["bn_running_stats"]
     logits, feats = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
     assert logits.shape == (2, 10)
-    assert feats[-1].ndim == 2
+    want = [(2, s[1] * hw // 32, s[2] * hw // 32, s[0]) if len(s) == 3 else (2, *s) for s in ref["is_feat_shapes_CHW"]]
+    if name.startswith("vgg") and hw == 64:  # the reference pools before block 4 only at 64x64
+        want[4] = (2, want[4][1] // 2, want[4][2] // 2, want[4][3])
+    assert [f.shape for f in feats] == want
 
 
 @pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "ShuffleV2"])
@@ -59,10 +71,15 @@ def test_forward_train_and_eval_and_bn_updates(name):
     model = models.create_model(name, num_classes=10)
     x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
     variables = model.init(jax.random.key(0), x, train=False)
-    # Eval mode: no batch-stat update requested, outputs finite.
+    # Eval mode normalises with the running statistics: each image's logits are its own, whatever
+    # else is in the batch (train mode uses the batch's statistics: they are not).
     logits, feats = model.apply(variables, x, train=False)
     chex.assert_shape(logits, (4, 10))
-    chex.assert_tree_all_finite((logits, feats))
+    alone, _ = model.apply(variables, x[:1], train=False)
+    np.testing.assert_allclose(alone, logits[:1], rtol=1e-5, atol=1e-6)
+    (batch_t, _), _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    (alone_t, _), _ = model.apply(variables, x[:2], train=True, mutable=["batch_stats"])
+    assert np.max(np.abs(np.asarray(alone_t) - np.asarray(batch_t[:2]))) > 1e-3
     # Eval mode with mutable batch_stats: statistics unchanged.
     (_, _), upd = model.apply(variables, x, train=False, mutable=["batch_stats"])
     chex.assert_trees_all_equal(upd["batch_stats"], variables["batch_stats"])
