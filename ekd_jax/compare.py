@@ -118,16 +118,26 @@ def write_results(results: dict[str, list[dict]], config, root: pathlib.Path) ->
         d_m, d_se, d_n = (
             paired_difference(_student_by_seed(runs), _student_by_seed(base)) if method != "vanilla" else (None, None, 0)
         )
+        dml = results.get("dml") or []
+        e_m, e_se, e_n = (
+            paired_difference(_student_by_seed(runs), _student_by_seed(dml)) if method != "dml" else (None, None, 0)
+        )
+        train_m, _ = _mean_std([r.get("student_train_top1") for r in runs])
+        spread = [r["student_top1_last_tenth"][1] - r["student_top1_last_tenth"][0]
+                  for r in runs if r.get("student_top1_last_tenth")]
         table[method] = {
             "student_top1_mean": s_m, "student_top1_std": s_s, "best_student_top1_mean": b_m,
             "teacher_top1_mean": t_m, "teacher_top1_std": t_s, "n": len(runs),
             "student_top1": [r["student_top1"] for r in runs], "seeds": [r["config"]["seed"] for r in runs],
             "minus_vanilla_mean": d_m, "minus_vanilla_se": d_se, "minus_vanilla_n": d_n,
+            "minus_dml_mean": e_m, "minus_dml_se": e_se, "minus_dml_n": e_n,
+            "student_train_top1_mean": train_m, "student_last_tenth_spread_max": max(spread) if spread else None,
         }
         one = len(runs) == 1  # no spread to report from one run
         rows.append(
             f"| {method} | {fmt_pct(s_m, None if one else s_s)} | {fmt_pct(b_m, None if one else b_s)} | "
-            f"{fmt_pct(t_m, None if one else t_s)} | {fmt_pct(d_m, d_se, '+')} | {len(runs)} |"
+            f"{fmt_pct(t_m, None if one else t_s)} | {fmt_pct(d_m, d_se, '+')} | {fmt_pct(e_m, e_se, '+')} | "
+            f"{fmt_pct(train_m, None)} | {fmt_pct(max(spread) if spread else None, None)} | {len(runs)} |"
         )
     any_run = next(r for runs in results.values() for r in runs)
     head = (
@@ -137,9 +147,12 @@ def write_results(results: dict[str, list[dict]], config, root: pathlib.Path) ->
         + (f"online teachers (dml, ekd) first train alone for {config.teacher.head_start:g} x {config.num_epochs} "
            "epochs (teacher.head_start); " if config.teacher.head_start else "")
         + "top-1 in %, mean ± std over seeds (final epoch; 'best' = best epoch); 'student - vanilla': "
-        "mean ± standard error of the per-seed difference to the vanilla student of the same seed.\n\n"
-        "| method | student top-1 | student best | teacher top-1 | student - vanilla | runs |\n"
-        "|---|---|---|---|---|---|\n"
+        "mean ± standard error of the per-seed difference to the vanilla student of the same seed (and "
+        "to dml's); 'train': the student's top-1 on its last epoch's augmented batches; 'last tenth': the "
+        "largest spread (max - min) of a run's student test top-1 over its last tenth of epochs.\n\n"
+        "| method | student top-1 | student best | teacher top-1 | student - vanilla | student - dml | "
+        "student train | last tenth | runs |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
     )
     (root / "results.md").write_text(head + "\n".join(rows) + "\n")
     (root / "results.json").write_text(json.dumps(table, indent=1))

@@ -287,6 +287,9 @@ def finish(run: Run, state, best: dict, out: outputs.RunWriter, wall_s: float) -
             shape = nets.student_input_shape if which == "student" else nets.teacher_input_shape
             out.network(which, jax.device_get(_network(state, which)), _network_meta(run, which, shape))
     final = out.records[-1] if out.records else {}
+    # Convergence: the student's test top-1 over the last tenth of its epochs (flat = converged).
+    tail_from = run.num_epochs - max(1, math.ceil(config.num_epochs / 10))
+    tail = [r["student/top1"] for r in out.records if "student/top1" in r and r["epoch"] >= tail_from]
     summary = {
         "method": nets.method.name,
         "teacher_model": config.teacher.model,
@@ -309,6 +312,7 @@ def finish(run: Run, state, best: dict, out: outputs.RunWriter, wall_s: float) -
         # network fits its training data at the end (a converged, over-fitting student is near 1).
         "teacher_train_top1": final.get("train/teacher/train_top1"),
         "student_train_top1": final.get("train/student/train_top1"),
+        "student_top1_last_tenth": [min(tail), max(tail)] if tail else None,
         "best_student_top1": best["student/top1"] if nets.method.runs_student else None,
         "best_student_epoch": best["epoch"] if nets.method.runs_student else None,
         "teacher_params_sha256": tree_sha256(_network(state, "teacher")),
