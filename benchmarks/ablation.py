@@ -54,6 +54,9 @@ VARIANTS = {
     "ekd_tau4": {"loss.tau": 4.0},
     "ekd_gamma0": {"loss.gamma": 0.0},  # one-way: the teacher learns from labels only
     "ekd_alpha0": {"loss.alpha": 0.0},  # features (and co-evolution) only
+    # Mutual in the features too: no stop-gradient on the teacher side of the student's terms, so
+    # the guided term also pulls the teacher's stage maps toward the student's (as DML's logits do).
+    "ekd_coevo": {"loss.coevolution": True},
     # which samples transfer; when
     "ekd_ahead": {"loss.transfer_mask": "teacher_ahead"},
     "ekd_correct": {"loss.transfer_mask": "teacher_correct"},

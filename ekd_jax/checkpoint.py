@@ -9,6 +9,7 @@ the previous one tried.
 
 from __future__ import annotations
 
+import errno
 import logging
 import pathlib
 import shutil
@@ -70,7 +71,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy,
             enable_async_checkpointing=async_save,
-            create=True,
+            # Made by the first save: a run refused before it (another config, a bad teacher
+            # checkpoint, ...) leaves no checkpoints/ behind.
+            create=False,
         )
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -84,7 +87,22 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict, best_key: float) -> None:
-        """Starts an async save; call :meth:`wait` (or :meth:`close`) before reading it back."""
+        """Starts an async save; call :meth:`wait` (or :meth:`close`) before reading it back.
+
+        A disk without room for the checkpoint is refused here, before the save starts, with an
+        OSError (ENOSPC) naming the folder: Orbax's own failure, from inside its background
+        threads, would come with pages of logged tracebacks and a half-written temporary folder.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # The arrays' bytes, plus what Orbax adds (metadata, OCDBT manifests: ~10% on small states).
+        need = int(1.1 * sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(state))) + (1 << 20)
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device for the checkpoint of step {step} in {self.directory}: it needs about "
+                f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; free some space or use another --workdir",
+            )
         self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -99,7 +117,8 @@ class Checkpointer:
             aside, n = self.aside_directory / f"{step}.{n}", n + 1
         shutil.move(str(self.directory / str(step)), aside)
         self.manager.reload()
-        log.error("%s; moved to %s, trying the previous one", msg, aside)
+        # Logged below the command line's WARNING level: the warning printed next is what users read.
+        log.info("%s; moved to %s, trying the previous one", msg, aside)
         print(f"warning: {msg}; moved to {aside}, trying the previous one", file=sys.stderr, flush=True)
 
     def restore_latest(
@@ -152,6 +171,16 @@ class Checkpointer:
             + "; ".join(errors)
             + f". They were moved to {self.aside_directory}; start again to train from scratch, or use a new --workdir"
         )
+
+    def newest_meta(self) -> dict | None:
+        """The ``meta`` item of the newest checkpoint whose meta reads, or None; reads nothing else
+        and moves nothing (a corrupt step is left for :meth:`restore_latest` to deal with)."""
+        for step in reversed(self.all_steps()):
+            try:
+                return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+            except Exception:  # noqa: BLE001  (orbax raises many types for truncated/missing files)
+                continue
+        return None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

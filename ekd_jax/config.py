@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import errno
+import functools
 import json
 import math
 import numbers
@@ -19,7 +20,7 @@ import uuid
 import ml_collections
 
 from ekd_jax import data, losses
-from ekd_jax.guided import GUIDE_KINDS
+from ekd_jax.guided import GUIDE_KINDS, pair_stages
 from ekd_jax.methods import LossConfig, get_method
 from ekd_jax.models import available_models
 
@@ -157,7 +158,7 @@ def validate(config) -> None:
         close = difflib.get_close_matches(str(name), available_models(), n=1)
         need(name in available_models(), f"{which}.model", name, "unknown model"
              + (f" (did you mean {close[0]!r}?)" if close else "") + f"; use one of {', '.join(available_models())}")
-    need(_int(config.seed), "seed", config.seed, "an integer")
+    need(_int(config.seed) and config.seed >= 0, "seed", config.seed, "an integer >= 0")
     for key, low in (("num_epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("eval_every_epochs", 1),
                      ("log_every_steps", 1), ("checkpoint_keep", 1)):
         need(_int(config[key]) and config[key] >= low, key, config[key], f"an integer >= {low}")
@@ -203,7 +204,81 @@ def validate(config) -> None:
          "stage-pair indices >= 0 (empty = all pairs)")
     need(len(set(g.stages)) == len(tuple(g.stages)), "guided.stages", tuple(g.stages), "each pair at most once")
     need(_int(g.hint_stage) and g.hint_stage >= 0, "guided.hint_stage", g.hint_stage, "a stage-pair index >= 0")
+    _check_stage_choices(config)
+    _check_teacher_checkpoint(config)
     data.check_config(config.data)
+
+
+@functools.lru_cache(maxsize=None)
+def _stage_count(model: str) -> int:
+    """How many stage maps ``model`` pairs (features[STAGE_SLICE]); structural, so any input size
+    tells it. Traced abstractly (``jax.eval_shape``): nothing is compiled or allocated."""
+    import jax
+    import jax.numpy as jnp
+
+    from ekd_jax.models import STAGE_SLICE, create_model
+
+    net = create_model(model, 10)
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    # The key is made inside the traced function: jax.random.key outside would compile a program.
+    variables = jax.eval_shape(lambda x: net.init(jax.random.key(0), x, train=False), x)
+    _, feats = jax.eval_shape(lambda v, x: net.apply(v, x, train=False), variables, x)
+    return len(feats[STAGE_SLICE])
+
+
+def _check_stage_choices(config) -> None:
+    """Stage-pair indices (guided.stages, guided.hint_stage) and loss.stage_weights against the
+    pairs this teacher/student has, checked here so that they name their own option."""
+    method = get_method(config.method)
+    g, weights = config.guided, tuple(config.loss.stage_weights)
+    uses_stages = method.guide == "config" or method.name == "at"
+    if not (method.guide == "adapter_hint" or (uses_stages and (g.stages or weights))):
+        return
+    n = len(pair_stages(_stage_count(config.student.model), _stage_count(config.teacher.model)))
+    pairs = f"{config.teacher.model}/{config.student.model} have {n} stage pairs, indices 0..{n - 1}"
+    if method.guide == "adapter_hint" and g.hint_stage >= n:
+        raise ValueError(f"guided.hint_stage={g.hint_stage!r} is not valid: {pairs}; fix --config.guided.hint_stage")
+    if uses_stages:
+        bad = [k for k in g.stages if k >= n]
+        if bad:
+            raise ValueError(
+                f"guided.stages={tuple(g.stages)!r} is not valid: {bad} out of range, {pairs}; fix --config.guided.stages"
+            )
+        used = len(g.stages) or n
+        if method.guide == "config" and weights and len(weights) != used:
+            raise ValueError(
+                f"loss.stage_weights={weights!r} is not valid: one weight per stage pair used ({used}); "
+                "fix --config.loss.stage_weights"
+            )
+
+
+def _check_teacher_checkpoint(config) -> None:
+    """An offline method's frozen teacher: the folder must hold a finished teacher of teacher.model.
+    (Its class count and input shape need the data: train.set_up checks them.)"""
+    method = get_method(config.method)
+    if not method.needs_teacher_checkpoint:
+        return
+    src = str(config.teacher.checkpoint or "")
+    if not src.strip():
+        raise ValueError(
+            f"teacher.checkpoint='' is not valid: method {method.name!r} distils from a frozen, trained teacher; "
+            "fix --config.teacher.checkpoint=<workdir of a finished 'teacher' run>"
+        )
+    meta_path = pathlib.Path(src) / "teacher" / "network.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        model = meta["model"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        what = "is missing" if isinstance(e, FileNotFoundError) else f"cannot be read: {type(e).__name__}"
+        raise ValueError(
+            f"teacher.checkpoint={src!r} holds no finished teacher ({meta_path} {what}); point "
+            "--config.teacher.checkpoint at the workdir of a completed 'teacher' (or dml/ekd) run"
+        ) from e
+    if model != config.teacher.model:
+        raise ValueError(
+            f"teacher.checkpoint holds a {model!r} teacher but teacher.model={config.teacher.model!r}; "
+            f"set --config.teacher.model={model}"
+        )
 
 
 def prepare_workdir(workdir) -> pathlib.Path:

@@ -169,7 +169,9 @@ def _parse_source(source: Any) -> tuple[str, str]:
 
 def check_config(cfg: Any) -> None:
     """Checks the fields that do not need the data, before any (slow) loading."""
-    _parse_source(_get(cfg, "source"))
+    kind, arg = _parse_source(_get(cfg, "source"))
+    if kind == "npz":
+        _npz_file(arg)  # a missing file is refused before the workdir is even made
     image_size = _get(cfg, "image_size")
     if image_size is not None and (not _is_int(image_size) or image_size < 1):
         raise ValueError(
@@ -187,6 +189,12 @@ def check_config(cfg: Any) -> None:
         raise ValueError(
             f"data.samples_per_class={n} and data.train_fraction={frac} are both set; "
             "choose one few-sample mode and leave the other off (0 / 1.0)."
+        )
+    subset_seed = _get(cfg, "subset_seed")
+    if not _is_int(subset_seed) or subset_seed < 0:
+        raise ValueError(
+            f"data.subset_seed={subset_seed!r} is not valid: an integer >= 0 (it seeds "
+            "np.random.default_rng); fix --config.data.subset_seed"
         )
     padding = _get(cfg, "crop_padding")
     if not _is_int(padding) or padding < 0:
@@ -237,15 +245,21 @@ def _load_digits():
     return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], names
 
 
-def _load_npz(path: str):
-    """An ``np.savez`` archive; every problem becomes a ValueError that says what to fix."""
-    where = f"data.source='npz:{path}'"
+def _npz_file(path: str) -> str:
+    """The absolute path of an ``npz:<path>`` source; a ValueError naming it when it is no file."""
     full = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(full):
         raise ValueError(
-            f"{where}: file not found: {full}. Check the path (relative paths start at the "
-            f"current directory, {os.getcwd()})."
+            f"data.source='npz:{path}': file not found: {full}. Check the path (relative paths "
+            f"start at the current directory, {os.getcwd()}); fix --config.data.source"
         )
+    return full
+
+
+def _load_npz(path: str):
+    """An ``np.savez`` archive; every problem becomes a ValueError that says what to fix."""
+    where = f"data.source='npz:{path}'"
+    full = _npz_file(path)
     unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError)
     fix = "Write it with np.savez / np.savez_compressed, with plain (non-object) arrays."
     try:

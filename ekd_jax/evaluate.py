@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 import time
 from typing import Any, Mapping, Sequence
 
@@ -201,7 +202,8 @@ def _cli() -> None:
     try:  # config_flags reads the --config.* overrides from sys.argv already here
         config = config_flags.DEFINE_config_dict("config", overrides, f"Overrides of the run's config: {allowed}.")
     except (KeyError, AttributeError, ValueError, TypeError) as e:
-        cli.fail(f"bad --config override ({str(e).strip(chr(34))}); evaluate accepts only {allowed}")
+        which = cli.unknown_override(overrides, sys.argv[1:]) or f"bad --config override ({str(e).strip(chr(34))})"
+        cli.fail(f"{which}; evaluate accepts only {allowed}")
     flags.DEFINE_string("workdir", None, "a finished run's workdir")
     flags.DEFINE_bool("plot", True, "Write confusion_<network>.png into the workdir.")
     FLAGS = flags.FLAGS
@@ -213,7 +215,7 @@ def _cli() -> None:
         print(json.dumps(result))
 
     # RuntimeError: a data source that cannot be prepared (e.g. TFDS offline).
-    cli.run(main, required=("workdir",), errors=(ValueError, RuntimeError))
+    cli.run(main, required=("workdir",), errors=(ValueError, RuntimeError, OSError))
 
 
 def run() -> None:

@@ -162,9 +162,18 @@ def export_student(
     platforms = tuple(platforms)
     bad = [p for p in platforms if p not in DEFAULT_PLATFORMS]
     if not platforms or bad:
-        raise ValueError(f"platforms must be a non-empty subset of {list(DEFAULT_PLATFORMS)}, got {list(platforms)}")
+        raise ValueError(
+            f"--platforms={','.join(platforms)} is not valid: {bad or 'none given'}; "
+            f"use a non-empty subset of {','.join(DEFAULT_PLATFORMS)}"
+        )
     out = pathlib.Path(out_dir) if out_dir is not None else workdir / "export"
-    out.mkdir(parents=True, exist_ok=True)
+    for p in (out, *out.absolute().parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"--out {str(out)!r} cannot be a folder: {p} is a file. Choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot make --out {str(out)!r} ({type(e).__name__}: {e.strerror or e}); choose a folder you can write to") from e
 
     module, variables, meta = load_network(student_dir)
     fn = inference_function(module, variables, meta)
@@ -242,7 +251,8 @@ def _cli() -> None:
         )
         print(json.dumps(info))
 
-    cli.run(main, required=("workdir",))
+    # OSError: a disk that fills up or a folder that turns unwritable while the files are written.
+    cli.run(main, required=("workdir",), errors=(ValueError, OSError))
 
 
 def run() -> None:

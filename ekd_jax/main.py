@@ -27,7 +27,8 @@ def main() -> None:
 
 def run() -> None:
     """Console script ``ekd-train`` (pyproject.toml) = ``python -m ekd_jax.main``."""
-    cli.run(main, required=("config", "workdir"), errors=(ValueError, train.NonFiniteLossError))
+    # OSError: a disk that fills up or a folder that turns unwritable during the run.
+    cli.run(main, required=("config", "workdir"), errors=(ValueError, OSError, train.NonFiniteLossError))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from ekd_jax import checkpoint, data, evaluation, outputs, parallel, step
 from ekd_jax import config as config_lib
 from ekd_jax.checkpoint import restore_network  # noqa: F401  (re-exported: train.restore_network)
 from ekd_jax.outputs import tree_sha256
+from ekd_jax.methods import get_method
 from ekd_jax.schedules import HeadStart, make_schedule  # noqa: F401  (make_schedule re-exported)
 
 
@@ -78,9 +79,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def set_up(config, workdir: str) -> Run:
-    """Validates the config and the workdir, loads the data, builds networks, optimizer, state."""
+    """Validates the config, the workdir (and a stored run in it), the data and the networks
+    before anything is compiled; builds networks, optimizer and schedules."""
     config_lib.validate(config)
     workdir = config_lib.prepare_workdir(workdir)
+    config_json = json.loads(config.to_json_best_effort())
+    with checkpoint.Checkpointer(workdir) as ckpt:  # the stored run's meta only: nothing built yet
+        stored = ckpt.newest_meta()
+    if stored is not None:
+        refuse_other_run(workdir, stored, config_json)
     ds = data.load_dataset(config.data)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
@@ -91,13 +98,14 @@ def set_up(config, workdir: str) -> Run:
     t_shape = tuple(data.teacher_input_shape(config.data, ds.image_shape))
     s_shape = tuple(data.student_input_shape(config.data, ds.image_shape))
     views = functools.partial(_views, cfg=config.data, mean=ds.mean, std=ds.std)
+    if get_method(config.method).needs_teacher_checkpoint:
+        _check_frozen_teacher(config, ds, t_shape)
     nets = step.build_networks(config, ds.num_classes, t_shape, s_shape, views, student_steps, head.steps)
     schedule = make_schedule(config, spe, student_steps)
     teacher_schedule = make_schedule(config, spe, head.steps + student_steps) if head.epochs else None
     o = config.optimizer
     tx = step.make_optimizer(nets, schedule, o.momentum, o.weight_decay, o.nesterov, teacher_learning_rate=teacher_schedule)
-    return Run(config, json.loads(config.to_json_best_effort()), workdir, ds, mesh, nets, tx, schedule,
-               teacher_schedule, head, spe)
+    return Run(config, config_json, workdir, ds, mesh, nets, tx, schedule, teacher_schedule, head, spe)
 
 
 def _views(images, key, train, *, cfg, mean, std):
@@ -128,18 +136,10 @@ def restore(run: Run, ckpt: checkpoint.Checkpointer, out: outputs.RunWriter):
     if run.nets.method.needs_teacher_checkpoint:
         state = _load_frozen_teacher(run, state)
 
-    def same_run(meta: dict) -> None:
-        diff = config_lib.config_difference(meta.get("config", run.config_json), run.config_json)
-        if diff:
-            raise ValueError(
-                f"{run.workdir} holds checkpoints of a run with a different config (differs in {', '.join(diff)}); "
-                "resume with the same config, or use a new --workdir"
-            )
-
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(run.mesh)), state
     )
-    restored = ckpt.restore_latest(abstract, check_meta=same_run)
+    restored = ckpt.restore_latest(abstract, check_meta=functools.partial(refuse_other_run, run.workdir, current=run.config_json))
     if restored is None:
         return state, 0, {"student/top1": -1.0, "epoch": -1}
     state, meta = restored
@@ -147,26 +147,30 @@ def restore(run: Run, ckpt: checkpoint.Checkpointer, out: outputs.RunWriter):
     return state, meta["epoch"] + 1, meta["best"]
 
 
+def refuse_other_run(workdir, meta: dict, current: dict) -> None:
+    """A workdir whose checkpoints were written under another config is refused, naming the keys."""
+    diff = config_lib.config_difference(meta.get("config", current), current)
+    if diff:
+        raise ValueError(
+            f"{workdir} holds checkpoints of a run with a different config (differs in {', '.join(diff)}); "
+            "resume with the same config, or use a new --workdir"
+        )
+
+
+def _check_frozen_teacher(config, ds: data.Dataset, input_shape) -> None:
+    """The frozen teacher's class count and input shape against this data (config.validate has
+    checked that teacher.checkpoint holds a finished teacher of teacher.model)."""
+    meta = json.loads((pathlib.Path(config.teacher.checkpoint) / "teacher" / "network.json").read_text())
+    if meta["num_classes"] != ds.num_classes or tuple(meta["input_shape"]) != tuple(input_shape):
+        raise ValueError(
+            f"teacher.checkpoint={config.teacher.checkpoint!r} holds a teacher trained for {meta['num_classes']} classes "
+            f"at input {meta['input_shape']}, but this data gives {ds.num_classes} classes at {list(input_shape)}; "
+            "fix --config.teacher.checkpoint (a teacher trained on this data) or the data options"
+        )
+
+
 def _load_frozen_teacher(run: Run, state: step.JointState) -> step.JointState:
-    config, ds = run.config, run.ds
-    src = pathlib.Path(config.teacher.checkpoint)
-    meta_path = src / "teacher" / "network.json"
-    if not meta_path.exists():
-        raise ValueError(
-            f"teacher.checkpoint={str(src)!r} holds no finished teacher ({meta_path} is missing); "
-            "point it at the workdir of a completed 'teacher' (or dml/ekd) run"
-        )
-    meta = json.loads(meta_path.read_text())
-    if meta["model"] != config.teacher.model:
-        raise ValueError(
-            f"teacher.checkpoint holds a {meta['model']!r} teacher but teacher.model={config.teacher.model!r}; "
-            f"set --config.teacher.model={meta['model']}"
-        )
-    if meta["num_classes"] != ds.num_classes or tuple(meta["input_shape"]) != run.nets.teacher_input_shape:
-        raise ValueError(
-            f"the checkpointed teacher was trained for {meta['num_classes']} classes at input "
-            f"{meta['input_shape']}, but this data gives {ds.num_classes} classes at {list(run.nets.teacher_input_shape)}"
-        )
+    src = pathlib.Path(run.config.teacher.checkpoint)
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(run.mesh)),
         _network(state, "teacher"),
