@@ -135,8 +135,9 @@ def test_aux_head_guides_train_through_train_and_evaluate(tmp_path):
     final = records[-1]
     assert final["train/teacher/aux_ce"] > 0 and final["train/student/guided"] > 0
     terms = [k for k in final if k.startswith(("train/teacher/", "train/student/")) and not k.endswith("train_top1")]
-    assert set(terms) == {"train/teacher/ce", "train/teacher/aux_ce", "train/student/ce", "train/student/kd",
-                          "train/student/guided"}
+    # (teacher/coevo_kl: the default co-evolution, loss.gamma = 1)
+    assert set(terms) == {"train/teacher/ce", "train/teacher/aux_ce", "train/teacher/coevo_kl", "train/student/ce",
+                          "train/student/kd", "train/student/guided"}
     assert final["train/loss"] == pytest.approx(sum(final[k] for k in terms), rel=1e-5)
 
     states = _checkpoint_states(tmp_path)
