@@ -441,3 +441,17 @@ def test_xla_optimisations_leave_the_step_unchanged(xla_optimizations):
     for m_off, m_on in zip(out[True][2], out[False][2]):
         for k in m_off:
             np.testing.assert_allclose(m_off[k], m_on[k], rtol=1e-5, atol=0 if k == "loss" else 2e-6, err_msg=k)
+
+
+def test_precompile_compiles_every_program_before_the_first_step():
+    """With a head start the joint program is first needed after it: precompile builds it (and the
+    head-start and eval programs) up front, so a program that cannot compile or fit fails before
+    training; the compiled programs are then the ones the steps run."""
+    nets, tx, state, mesh = helpers.build(helpers.tiny_config("ekd"), student_start=2, teacher_lr=0.1)
+    steps = step.compile_steps(nets, tx, mesh)
+    assert set(steps.programs) == {"joint", "head", "eval"}
+    steps.precompile(state, 8, 8, (8, 8, 3))
+    assert all(isinstance(p, jax.stages.Compiled) for p in steps.programs.values())
+    for i in range(3):  # head, head, joint: each runs its precompiled program (a shape mismatch would raise)
+        state, m = steps.train(state, parallel.shard_batch(helpers.fake_batch(i), mesh), i)
+    assert "student/ce" in m and int(state.step) == 3
