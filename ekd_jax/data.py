@@ -415,7 +415,12 @@ def _num_classes(y_train, y_test, names) -> int:
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Exact per-channel mean and (population) std in [0, 1] of uint8 NHWC images."""
+    """Exact per-channel mean and (population) std in [0, 1] of uint8 NHWC images.
+
+    A channel that never varies (std 0, e.g. a constant border colour or a grey image stored as
+    RGB with one empty channel) gets std 1: normalising it then only centres it, where dividing
+    by 0 would feed inf/NaN to the networks.
+    """
     channels = images.shape[-1]
     counts = np.zeros((channels, 256), np.int64)
     # Histograms are exact and need no float copy of the whole (possibly huge) split.
@@ -428,6 +433,7 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     mean = counts @ values / total
     var = counts @ values**2 / total - mean**2
     std = np.sqrt(np.maximum(var, 0.0))
+    std = np.where(std > 0.0, std, 1.0)
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 

@@ -392,3 +392,16 @@ def test_make_views_inside_jit_matches_eager(digits):
     np.testing.assert_allclose(teacher, eager[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(student, eager[1], rtol=1e-5, atol=1e-5)
     assert teacher.shape == (32, 8, 8, 1) and student.shape == (32, 4, 4, 1)
+
+
+def test_channel_stats_are_exact_and_a_constant_channel_is_only_centred():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (50, 4, 4, 3), dtype=np.uint8)
+    x[..., 2] = 77  # a channel that never varies
+    mean, std = data.channel_stats(x)
+    f = x.astype(np.float64) / 255.0
+    np.testing.assert_allclose(mean, f.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(std[:2], f[..., :2].std(axis=(0, 1, 2)), rtol=1e-10)
+    assert std[2] == 1.0  # not 0: normalising divides by it
+    views = data.normalize(jnp.asarray(f, jnp.float32), mean, std)
+    assert bool(jnp.all(jnp.isfinite(views))) and float(jnp.max(jnp.abs(views[..., 2]))) < 1e-6
