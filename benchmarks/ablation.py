@@ -61,6 +61,8 @@ VARIANTS = {
     "ekd_ahead": {"loss.transfer_mask": "teacher_ahead"},
     "ekd_correct": {"loss.transfer_mask": "teacher_correct"},
     "ekd_ramp": {"loss.ramp_length": 0.5, "loss.kd_ramp_start": 0.0, "loss.kd_ramp_length": 0.0},  # features ramp in
+    # Features only after the first learning-rate drop (62.5 %), when the online teacher is ahead.
+    "ekd_late": {"loss.ramp_start": 0.625, "loss.kd_ramp_start": 0.0, "loss.kd_ramp_length": 0.0},
     # The departure: the teacher trains alone for the student's budget first; DML given the same.
     "ekd_head": {"teacher.head_start": 1.0},
     "dml_head": {"method": "dml", "teacher.head_start": 1.0},

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:?set DATA=npz:<path of cifar10_small.npz>, the same string as the carried runs (docs/results.md section 4)}
 PY=${PY:-.venv/bin/python}
 $PY benchmarks/study_runs.py restore
-VARIANTS=${VARIANTS:-vanilla,teacher,dml,ekd_dml_feat,ekd_prev,ekd_beta03,ekd_auxhead,ekd_coevo,ekd_beta0,ekd_beta01,ekd_last_stage,ekd_ahead,ekd_tau4,ekd_gamma0,ekd_auxhead_tau4,ekd_stages01,ekd_correct,ekd_ramp,ekd_beta3,ekd_rawmean,ekd_alpha0,ekd_head,dml_head}
+VARIANTS=${VARIANTS:-vanilla,teacher,dml,ekd_dml_feat,ekd_prev,ekd_beta03,ekd_auxhead,ekd_coevo,ekd_beta0,ekd_beta01,ekd_last_stage,ekd_ahead,ekd_late,ekd_tau4,ekd_gamma0,ekd_auxhead_tau4,ekd_stages01,ekd_correct,ekd_ramp,ekd_beta3,ekd_rawmean,ekd_alpha0,ekd_head,dml_head}
 for seed in 0 1; do
   PYTHONPATH=. $PY benchmarks/ablation.py --config configs/study.py:few100 --config.data.source=$DATA \
     --workdir runs/abl_few100 --seeds $seed --only $VARIANTS
