@@ -27,10 +27,9 @@ import optax
 
 from ekd_jax import checkpoint, data, evaluation, outputs, parallel, step
 from ekd_jax import config as config_lib
-from ekd_jax.checkpoint import restore_network  # noqa: F401  (re-exported: train.restore_network)
 from ekd_jax.outputs import tree_sha256
 from ekd_jax.methods import get_method
-from ekd_jax.schedules import HeadStart, make_schedule  # noqa: F401  (make_schedule re-exported)
+from ekd_jax.schedules import HeadStart, make_schedule
 
 
 class NonFiniteLossError(RuntimeError):

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from ekd_jax import data, evaluate, export, train
+from ekd_jax import checkpoint, data, evaluate, export, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ATOL = 1e-5
@@ -85,7 +85,7 @@ def digits_test_split(tiny_run):
 
 def _flax_logits(run, images):
     """The reference: the saved student, fed the run's evaluation view, independently of ekd_jax.export."""
-    module, variables, meta = train.restore_network(run["workdir"] / "student")
+    module, variables, meta = checkpoint.restore_network(run["workdir"] / "student")
     _, student_x = data.make_views(images, None, run["config"].data, meta["mean"], meta["std"], train=False)
     logits, _ = module.apply(variables, student_x, train=False)
     return np.asarray(logits)

@@ -57,7 +57,7 @@ def _student_view(meta, images):
 
 def _flax_student_logits(workdir, images):
     """The saved student as the framework runs it: restored, fed the run's evaluation view."""
-    module, variables, meta = train.restore_network(pathlib.Path(workdir) / "student")
+    module, variables, meta = checkpoint.restore_network(pathlib.Path(workdir) / "student")
     apply = jax.jit(lambda v, x: module.apply(v, _student_view(meta, x), train=False)[0])
     return np.asarray(apply(variables, images)), module, variables, meta
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from ekd_jax import train
+from ekd_jax import checkpoint, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -96,7 +96,7 @@ def test_quickstart_tiny_outputs(reference_run):
     meta = json.loads((wd / "student" / "network.json").read_text())
     assert meta["model"] == "resnet8" and meta["input_shape"] == [8, 8, 1]
     # The saved student is exactly the final one.
-    model, variables, _ = train.restore_network(wd / "student")
+    model, variables, _ = checkpoint.restore_network(wd / "student")
     assert train.tree_sha256(variables) == s["student_params_sha256"]
 
 
