@@ -7,7 +7,6 @@ Where a value is our reading of the paper rather than the paper's, METHOD.md and
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import errno
 import functools
 import json
@@ -22,7 +21,7 @@ import ml_collections
 from ekd_jax import data, losses
 from ekd_jax.guided import GUIDE_KINDS, pair_stages
 from ekd_jax.methods import LossConfig, get_method
-from ekd_jax.models import available_models
+from ekd_jax.models import available_models, suggest_models
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -155,9 +154,10 @@ def validate(config) -> None:
     get_method(config.method)
     for which in ("teacher", "student"):
         name = config[which].model
-        close = difflib.get_close_matches(str(name), available_models(), n=1)
+        close = suggest_models(str(name))
         need(name in available_models(), f"{which}.model", name, "unknown model"
-             + (f" (did you mean {close[0]!r}?)" if close else "") + f"; use one of {', '.join(available_models())}")
+             + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
+             + f"; use one of {', '.join(available_models())}")
     need(_int(config.seed) and config.seed >= 0, "seed", config.seed, "an integer >= 0")
     for key, low in (("num_epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("eval_every_epochs", 1),
                      ("log_every_steps", 1), ("checkpoint_keep", 1)):
