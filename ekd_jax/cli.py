@@ -20,6 +20,8 @@ from absl import app, flags, logging
 OPTIONAL_MODULES: dict[str, str] = {
     "tensorflow_datasets": "pip install 'ekd_jax[tfds]' (data.source='tfds:<name>')",
     "tensorflow": "pip install 'ekd_jax[tfds]' (TFDS data) or 'ekd_jax[export]' (SavedModel export)",
+    "torch": "pip install 'ekd_jax[torch]' (PyTorch checkpoints: ekd-import-torch, ekd-export --torch_state_dict)",
+    "safetensors": "pip install 'ekd_jax[torch]' (.safetensors checkpoints)",
 }
 
 

@@ -12,6 +12,12 @@ From a finished run's ``student/`` folder this writes, under ``--out`` (default 
   signature ``serving_default``: ``images`` uint8 ``[None, H, W, C]`` -> ``logits`` float32
   ``[None, num_classes]``; for TF Serving, or ``tf.lite.TFLiteConverter.from_saved_model``.
 * ``export.json``  model, input spec, class names, what preprocessing is inside, the run's accuracy.
+* ``student_state_dict.pth``  with ``--torch_state_dict``: the student's weights and BatchNorm
+  statistics as a bare PyTorch state dict in the model's reference layout (RepDistiller's key names
+  for the CIFAR zoo; ``ekd_jax.torch_layout``), for deployment in PyTorch:
+  ``model.load_state_dict(torch.load(p, weights_only=True))`` on the reference definition (wrap it
+  as ``{'model': sd}`` for RepDistiller's own scripts). The network alone: the images must be
+  normalised with export.json's mean/std first. Needs PyTorch (``pip install 'ekd_jax[torch]'``).
 
 The function takes images exactly as the run's data source yields them (uint8 NHWC of
 ``raw_image_shape``, i.e. after ``data.image_size`` resizing) and returns float32 logits.
@@ -36,6 +42,7 @@ import ekd_jax  # noqa: F401  (applies the XLA CPU defaults before jax starts)
 from ekd_jax import data
 
 EXPORT_FILE = "student.jax_export"
+TORCH_STATE_DICT_FILE = "student_state_dict.pth"
 SAVED_MODEL_DIR = "saved_model"
 META_FILE = "export.json"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -142,6 +149,38 @@ def _verify(module, variables, meta: dict, blob: bytes, saved_model: pathlib.Pat
     return out
 
 
+def _student_steps(summary: dict) -> int:
+    """How many train-mode forwards the student's BatchNorms saw (PyTorch's num_batches_tracked):
+    the run's steps less the teacher's head start; 0 when the summary does not say."""
+    steps, epochs, head = summary.get("steps"), summary.get("epochs"), summary.get("teacher_head_start_epochs") or 0
+    if not isinstance(steps, int) or not isinstance(epochs, int) or epochs + head <= 0:
+        return 0
+    return steps - steps * head // (epochs + head)
+
+
+def save_torch_state_dict(module_name: str, variables: Any, path: pathlib.Path, num_batches_tracked: int = 0,
+                          verify: bool = True) -> None:
+    """Writes ``variables`` as a reference-layout PyTorch state dict; ``verify``: read it back with
+    ``torch.load(weights_only=True)`` and check the round trip is bitwise."""
+    from ekd_jax import torch_layout
+
+    variables = jax.device_get(variables)
+    torch_layout.write_state_dict(
+        path, torch_layout.state_dict_from_variables(module_name, variables, num_batches_tracked=num_batches_tracked)
+    )
+    if verify:
+        back, _ = torch_layout.read_state_dict(path)
+        again, _ = torch_layout.variables_from_state_dict(module_name, back, source=str(path))
+
+        def leaves(tree):
+            return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+        want, got = leaves(variables), leaves(again)
+        bad = [k for k in want if k not in got or got[k].dtype != want[k].dtype or got[k].tobytes() != want[k].tobytes()]
+        if bad or want.keys() != got.keys():
+            raise RuntimeError(f"{path} does not read back bitwise ({(bad or sorted(set(want) ^ set(got)))[:3]})")
+
+
 def export_student(
     workdir: str | pathlib.Path,
     out_dir: str | pathlib.Path | None = None,
@@ -149,9 +188,18 @@ def export_student(
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
     saved_model: bool = True,
     verify: bool = True,
+    torch_state_dict: bool = False,
 ) -> dict:
-    """Exports ``<workdir>/student`` to ``out_dir`` (default ``<workdir>/export``); returns export.json's dict."""
+    """Exports ``<workdir>/student`` to ``out_dir`` (default ``<workdir>/export``); returns export.json's dict.
+
+    ``torch_state_dict``: also ``student_state_dict.pth``, the student as a PyTorch state dict in
+    its reference layout (needs PyTorch: checked first, before any work).
+    """
     t0 = time.time()
+    if torch_state_dict:
+        from ekd_jax import torch_layout
+
+        torch_layout.require_torch()
     workdir = pathlib.Path(workdir)
     student_dir = workdir / "student"
     if not (student_dir / "network.json").exists():
@@ -176,6 +224,11 @@ def export_student(
         raise ValueError(f"cannot make --out {str(out)!r} ({type(e).__name__}: {e.strerror or e}); choose a folder you can write to") from e
 
     module, variables, meta = load_network(student_dir)
+    if torch_state_dict and meta["model"] not in torch_layout.LAYOUTS:
+        raise ValueError(
+            f"--torch_state_dict: the student {meta['model']!r} has no PyTorch layout yet (there are layouts for "
+            f"{', '.join(sorted(torch_layout.LAYOUTS, key=str.lower))}); export without --torch_state_dict"
+        )
     fn = inference_function(module, variables, meta)
     exported = export_function(fn, meta, platforms)
     blob = exported.serialize()
@@ -187,6 +240,8 @@ def export_student(
 
     summary_path = workdir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if torch_state_dict:
+        save_torch_state_dict(meta["model"], variables, out / TORCH_STATE_DICT_FILE, _student_steps(summary), verify)
     h, w, c = (int(v) for v in meta["raw_image_shape"])
     info = {
         "format_version": FORMAT_VERSION,
@@ -218,13 +273,19 @@ def export_student(
         "method": summary.get("method"),
         "teacher_model": summary.get("teacher_model"),
         "student_params_sha256": summary.get("student_params_sha256"),
-        "files": {"jax_export": EXPORT_FILE, "saved_model": SAVED_MODEL_DIR if saved_model else None},
+        "files": {
+            "jax_export": EXPORT_FILE,
+            "saved_model": SAVED_MODEL_DIR if saved_model else None,
+            "torch_state_dict": TORCH_STATE_DICT_FILE if torch_state_dict else None,
+        },
         "platforms": list(exported.platforms),
         "jax_version": jax.__version__,
         "calling_convention_version": exported.calling_convention_version,
     }
     if verify:
         info["verified_max_abs_diff"] = _verify(module, variables, meta, blob, sm_path, platforms)
+        if torch_state_dict:  # read back and compared bitwise by save_torch_state_dict
+            info["verified_max_abs_diff"]["torch_state_dict"] = 0.0
     info["export_s"] = round(time.time() - t0, 2)
     (out / META_FILE).write_text(json.dumps(info, indent=1))
     return info
@@ -243,11 +304,14 @@ def _cli() -> None:
     flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS), "Platforms to lower for: cpu, cuda, tpu.")
     flags.DEFINE_bool("saved_model", True, "Also write the TensorFlow SavedModel (needs TensorFlow).")
     flags.DEFINE_bool("verify", True, "Check each exported form against the Flax student on a random batch.")
+    flags.DEFINE_bool("torch_state_dict", False, f"Also write {TORCH_STATE_DICT_FILE}: the student as a PyTorch state "
+                      "dict in its reference layout (RepDistiller's keys; needs PyTorch).")
     FLAGS = flags.FLAGS
 
     def main():
         info = export_student(
-            FLAGS.workdir, FLAGS.out, platforms=FLAGS.platforms, saved_model=FLAGS.saved_model, verify=FLAGS.verify
+            FLAGS.workdir, FLAGS.out, platforms=FLAGS.platforms, saved_model=FLAGS.saved_model, verify=FLAGS.verify,
+            torch_state_dict=FLAGS.torch_state_dict,
         )
         print(json.dumps(info))
 

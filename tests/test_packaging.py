@@ -30,6 +30,7 @@ SCRIPTS = {  # console script -> the module that `python -m` runs
     "ekd-export": "ekd_jax.export",
     "ekd-compare": "ekd_jax.compare",
     "ekd-bench": "ekd_jax.bench",
+    "ekd-import-torch": "ekd_jax.import_torch",
 }
 
 
@@ -163,7 +164,7 @@ def test_console_script_runs_its_command_line(script):
     code = f"import sys, {module} as m; sys.argv = [{script!r}]; m.{func}()"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    first = "workdir" if script in ("ekd-evaluate", "ekd-export") else "config"
+    first = {"ekd-evaluate": "workdir", "ekd-export": "workdir", "ekd-import-torch": "checkpoint"}.get(script, "config")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert re.fullmatch(rf"error: --{first} is required \(.+\)", proc.stderr.strip()), proc.stderr[-2000:]
 
