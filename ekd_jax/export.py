@@ -14,7 +14,7 @@ From a finished run's ``student/`` folder this writes, under ``--out`` (default 
 * ``export.json``  model, input spec, class names, what preprocessing is inside, the run's accuracy.
 * ``student_state_dict.pth``  with ``--torch_state_dict``: the student's weights and BatchNorm
   statistics as a bare PyTorch state dict in the model's reference layout (RepDistiller's key names
-  for the CIFAR zoo; ``ekd_jax.torch_layout``), for deployment in PyTorch:
+  for the CIFAR zoo, torchvision's / mdistiller's for the ImageNet zoo; ``ekd_jax.torch_layout``), for deployment in PyTorch:
   ``model.load_state_dict(torch.load(p, weights_only=True))`` on the reference definition (wrap it
   as ``{'model': sd}`` for RepDistiller's own scripts). The network alone: the images must be
   normalised with export.json's mean/std first. Needs PyTorch (``pip install 'ekd_jax[torch]'``).

@@ -4,19 +4,21 @@
   python -m ekd_jax.main --config configs/cifar.py:cifar100,resnet56-resnet20 --config.method=kd \
       --config.teacher.checkpoint=teachers/r56 --workdir runs/kd
 
-Reads a state dict in the model's reference layout (RepDistiller's key names for the CIFAR zoo:
+Reads a state dict in the model's reference layout (RepDistiller's key names for the CIFAR zoo,
+torchvision's for the ImageNet ResNets, mdistiller's for the ImageNet MobileNetV1:
 ``ekd_jax.torch_layout`` has the mapping per family) — a bare state dict, or one under ``'model'``
 (RepDistiller's and mdistiller's ``ckpt_epoch_240.pth``) or ``'state_dict'``, a ``.pth``/``.pt``
 file read with ``torch.load(weights_only=True)`` or a ``.safetensors`` file — and writes
 ``<out>/teacher/``: variables + ``network.json``, exactly what a trained run writes, so that
 ``--config.teacher.checkpoint=<out>`` gives kd, fitnet and at that teacher. The class count is the
 classifier's (``--num_classes`` checks it), the image channels the first conv's; ``--image_size``
-(default 32, CIFAR) is the input the teacher is used at.
+is the input the teacher is used at (default 32 for the CIFAR zoo, 224 for the ImageNet zoo).
 
-``--mean``/``--std`` (default: CIFAR-100's, which RepDistiller's teachers were trained with) are
-recorded in network.json for ``ekd-evaluate``/``ekd-export`` of the network alone. Training
-normalises with the run's own data statistics, as for any teacher: on CIFAR-100 those differ from
-RepDistiller's rounded constants by at most 2e-4.
+``--mean``/``--std`` (default: CIFAR-100's, which RepDistiller's teachers were trained with, for
+the CIFAR zoo; ImageNet's, torchvision's and mdistiller's, for the ImageNet zoo) are recorded in
+network.json for ``ekd-evaluate``/``ekd-export`` of the network alone. Training normalises with
+the run's own data statistics, as for any teacher: on CIFAR-100 those differ from RepDistiller's
+rounded constants by at most 2e-4.
 
 Bad input (an unknown model, missing or unexpected keys, shapes that do not fit, a file that is no
 checkpoint) is one line ``error: ...`` and exit status 2; from Python the same words as a ValueError.
@@ -35,6 +37,19 @@ from ekd_jax import torch_layout
 # RepDistiller dataset/cifar100.py: the normalisation its CIFAR-100 teachers were trained with.
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+# torchvision's (and mdistiller's) ImageNet normalisation; configs/imagenet.py's too.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Per zoo (ekd_jax.models.ZOOS): the default input size and normalisation of an imported network.
+ZOO_DEFAULTS = {"cifar": (32, CIFAR100_MEAN, CIFAR100_STD), "imagenet": (224, IMAGENET_MEAN, IMAGENET_STD)}
+
+
+def zoo_defaults(model: str) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """``(image_size, mean, std)`` an imported ``model`` gets unless told otherwise."""
+    from ekd_jax.models import available_models
+
+    zoo = "imagenet" if model in available_models("imagenet") else "cifar"
+    return ZOO_DEFAULTS[zoo]
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -65,17 +80,20 @@ def import_checkpoint(
     out: str | pathlib.Path,
     *,
     num_classes: int | None = None,
-    image_size: int = 32,
+    image_size: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Converts ``checkpoint`` (a ``model`` state dict in the reference layout) into ``<out>/teacher/``.
 
-    Returns what was written (also printed by the command line). Every bad input is a ValueError
-    whose message names the option, the keys or the shapes concerned.
+    ``image_size``, ``mean``, ``std``: None = the model's zoo's (:func:`zoo_defaults`). Returns what
+    was written (also printed by the command line). Every bad input is a ValueError whose message
+    names the option, the keys or the shapes concerned.
     """
     torch_layout.layout_for(model)  # an unknown model is refused before the file is read
+    default_size, default_mean, default_std = zoo_defaults(model)
+    image_size = default_size if image_size is None else image_size
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise ValueError(f"image_size={image_size!r} is not valid: a positive integer (pixels); fix --image_size")
     out = pathlib.Path(out)
@@ -94,8 +112,8 @@ def import_checkpoint(
     channels = info["in_channels"]
     if mean is None and std is None and channels != 3:
         raise ValueError(f"the network takes {channels}-channel images: pass --mean and --std ({channels} values each)")
-    mean = _floats("mean", CIFAR100_MEAN if mean is None else mean, channels)
-    std = _floats("std", CIFAR100_STD if std is None else std, channels)
+    mean = _floats("mean", default_mean if mean is None else mean, channels)
+    std = _floats("std", default_std if std is None else std, channels)
 
     from ekd_jax import checkpoint as ckpt_lib, data, outputs
 
@@ -157,12 +175,15 @@ def _cli() -> None:
 
     flags.DEFINE_string("checkpoint", None, "the PyTorch checkpoint: .pth/.pt (a state dict, or one under 'model' / "
                         "'state_dict'), or .safetensors")
-    flags.DEFINE_string("model", None, "the zoo model the checkpoint holds, e.g. resnet56 (RepDistiller's name)")
+    flags.DEFINE_string("model", None, "the zoo model the checkpoint holds, e.g. resnet56 (RepDistiller's name) or "
+                        "resnet34_imagenet (torchvision's resnet34)")
     flags.DEFINE_string("out", None, "the folder to write <out>/teacher/ into (then --config.teacher.checkpoint=<out>)")
     flags.DEFINE_integer("num_classes", None, "the class count (default: the checkpoint's classifier rows; given, it is checked)")
-    flags.DEFINE_integer("image_size", 32, "the input height = width the teacher is used at")
-    flags.DEFINE_list("mean", None, "per-channel input mean for evaluate/export of the network alone (default: CIFAR-100's)")
-    flags.DEFINE_list("std", None, "per-channel input std (default: CIFAR-100's)")
+    flags.DEFINE_integer("image_size", None, "the input height = width the teacher is used at (default: 32 for the "
+                         "CIFAR zoo, 224 for the ImageNet zoo)")
+    flags.DEFINE_list("mean", None, "per-channel input mean for evaluate/export of the network alone (default: "
+                      "CIFAR-100's for the CIFAR zoo, ImageNet's for the ImageNet zoo)")
+    flags.DEFINE_list("std", None, "per-channel input std (default: CIFAR-100's / ImageNet's, as --mean)")
     flags.DEFINE_bool("overwrite", False, "replace an existing <out>/teacher/")
     FLAGS = flags.FLAGS
 

@@ -5,10 +5,13 @@ PyTorch is imported only to read or write a file (``read_state_dict``, ``write_s
 ekd_jax imports and converts without it. Used by ``ekd_jax.import_torch`` (a published teacher in)
 and ``ekd_jax.export --torch_state_dict`` (a trained student out).
 
-Layouts (RepDistiller, github.com/HobbitLong/RepDistiller models/*.py, for every model of the
-CIFAR zoo; mdistiller's ``cifar_teachers`` use the same key names). A Flax module path maps to a
-PyTorch module prefix (``s``, ``b``, ``j``: stage, block and conv indices as the Flax names have
-them):
+Layouts: RepDistiller's (github.com/HobbitLong/RepDistiller models/*.py) for every model of the
+CIFAR zoo (mdistiller's ``cifar_teachers`` use the same key names); torchvision's
+(torchvision/models/resnet.py) for the ImageNet ResNets, so that the published
+``torchvision.models.resnet18/34/50`` weights import; mdistiller's
+(mdistiller/models/imagenet/mobilenetv1.py) for the ImageNet MobileNetV1. A Flax module path maps
+to a PyTorch module prefix (``s``, ``b``, ``j``, ``k``: stage, block, conv and Sequential indices
+as the Flax names have them):
 
 ==================  ===================================  ===============================================
 family (models)     Flax module                          PyTorch prefix
@@ -37,6 +40,14 @@ ShuffleNetv2.py     stem_conv, stem_bn                   conv1, bn1
 (ShuffleV2)         stage{s}_down/conv1..5|bn1..5        layer{s+1}.0.conv1..5|bn1..5
                     stage{s}_block{b}/conv1..3|bn1..3    layer{s+1}.{b+1}.conv1..3|bn1..3
                     head_conv, head_bn, classifier       conv2, bn2, linear
+torchvision         conv1, bn1, fc                       conv1, bn1, fc
+resnet.py           layer{s}_{b}/conv1..3|bn1..3         layer{s}.{b}.conv1..3|bn1..3
+(resnet18/34/50     layer{s}_{b}/downsample_0|_1         layer{s}.{b}.downsample.0|.1
+_imagenet)
+mdistiller          model_0_0, model_0_1 (stem)          model.0.0, model.0.1
+mobilenetv1.py      model_{k}_0|_1 (depthwise conv, BN)  model.{k}.0|.1  (k = 1..13)
+(mobilenetv1_       model_{k}_3|_4 (pointwise conv, BN)  model.{k}.3|.4
+imagenet)           fc                                   fc
 ==================  ===================================  ===============================================
 
 Leaves, for every family: Conv ``kernel`` (H, W, I/groups, O) <-> ``<prefix>.weight``
@@ -51,9 +62,11 @@ BatchNorm convention: the zoo's BatchNorm (``models/common.py``) is PyTorch's, s
 carry over unchanged: eval mode normalises with the running statistics; train mode normalises with
 the biased batch variance and updates ``running_var`` with the unbiased one (n/(n-1)), momentum 0.1.
 
-A layout for another zoo (torchvision's keys for the ImageNet zoo) is one more
-:func:`register_layout` call: its rename rules (a Flax module path -> a PyTorch prefix), the
-prefix of its classifier and of its first conv.
+torchvision's published ImageNet weights (``IMAGENET1K_V1``, saved before PyTorch had
+``num_batches_tracked``) lack that key: like any ``num_batches_tracked``, it is not required.
+
+A layout for another family is one more :func:`register_layout` call: its rename rules (a Flax
+module path -> a PyTorch prefix), the prefix of its classifier and of its first conv.
 """
 
 from __future__ import annotations
@@ -180,6 +193,32 @@ SHUFFLEV2 = Layout(
 )
 
 
+# The ImageNet zoo's Flax names are the reference keys with '.' -> '_' within a module name
+# (imagenet_resnet.py, mobilenetv1.py docstrings); the rules spell each kind out, so a module
+# outside the reference layout is an error rather than a guessed key.
+IMAGENET_RESNET = Layout(
+    "torchvision models/resnet.py",
+    (
+        ("conv1", "conv1"), ("bn1", "bn1"), ("fc", "fc"),
+        # downsample = Sequential(conv1x1, BN).
+        (r"layer(\d+)_(\d+)/downsample_([01])", r"layer\1.\2.downsample.\3"),
+        (r"layer(\d+)_(\d+)/((?:conv|bn)\d)", r"layer\1.\2.\3"),
+    ),
+    classifier="fc", stem="conv1",
+)
+MOBILENETV1 = Layout(
+    "mdistiller models/imagenet/mobilenetv1.py",
+    (
+        # model = Sequential(conv_bn, conv_dw x 13, AvgPool2d); conv_bn = Sequential(conv, BN, ReLU),
+        # conv_dw = Sequential(depthwise conv, BN, ReLU, pointwise conv, BN, ReLU).
+        (r"model_0_([01])", r"model.0.\1"),
+        (r"model_([1-9]\d*)_([0134])", r"model.\1.\2"),
+        ("fc", "fc"),
+    ),
+    classifier="fc", stem="model.0.0",
+)
+
+
 def _register_cifar_zoo() -> None:
     from ekd_jax.models import mobilenetv2, resnet, vgg, wrn
 
@@ -193,6 +232,16 @@ def _register_cifar_zoo() -> None:
 
 
 _register_cifar_zoo()
+
+
+def _register_imagenet_zoo() -> None:
+    from ekd_jax.models import imagenet_resnet, mobilenetv1
+
+    register_layout(imagenet_resnet.MODELS, IMAGENET_RESNET)
+    register_layout(mobilenetv1.MODELS, MOBILENETV1)
+
+
+_register_imagenet_zoo()
 
 
 def layout_for(model: str) -> Layout:
