@@ -29,7 +29,7 @@ flags.DEFINE_bool("table_only", False, "Only rewrite ablation.md from ablation.j
 # teacher and student start together (no head start).
 FULL = {"method": "ekd", "teacher.head_start": 0.0, "loss.alpha": 1.0, "loss.tau": 1.0, "loss.gamma": 1.0,
         "loss.beta": 1.0, "loss.coevolution": False, "loss.ce_weight": 1.0, "loss.label_smoothing": 0.0,
-        "loss.feature_norm": True, "loss.feature_reduction": "sum", "loss.stage_weights": (),
+        "loss.feature_norm": True, "loss.feature_reduction": "sum", "loss.feature_kind": "map", "loss.stage_weights": (),
         "loss.transfer_mask": "none", "loss.mask_mean": "kept", "loss.ramp_start": 0.0, "loss.ramp_length": 0.0,
         "loss.ramp_shape": "linear", "loss.kd_ramp_start": -1.0, "loss.kd_ramp_length": -1.0,
         "guided.type": "adapter", "guided.stages": (), "guided.aux_teacher_backbone_grad": False}
@@ -49,6 +49,10 @@ VARIANTS = {
     "ekd_last_stage": {"guided.stages": (2,)},
     "ekd_stages01": {"guided.stages": (0, 1)},
     "ekd_auxhead": {"guided.type": "aux_head"},
+    # Relations instead of maps: each stage's batch-similarity matrix (similarity-preserving KD),
+    # at SP's published weight and distance (RepDistiller: beta 3000, ||G_S - G_T||^2 / N^2, raw maps).
+    "ekd_sp": {"loss.feature_kind": "relation", "loss.feature_norm": False, "loss.feature_reduction": "mean",
+               "loss.beta": 3000.0},
     "ekd_auxhead_tau4": {"guided.type": "aux_head", "loss.tau": 4.0},
     # logit term: temperature, direction
     "ekd_tau4": {"loss.tau": 4.0},
@@ -61,7 +65,12 @@ VARIANTS = {
     "ekd_ahead": {"loss.transfer_mask": "teacher_ahead"},
     "ekd_correct": {"loss.transfer_mask": "teacher_correct"},
     "ekd_ramp": {"loss.ramp_length": 0.5, "loss.kd_ramp_start": 0.0, "loss.kd_ramp_length": 0.0},  # features ramp in
+    # Features from the first step at a weight that grows like exp(-5 (1 - t)^2) (mean-teacher's
+    # consistency ramp-up) and is full at the first learning-rate drop (62.5 %); logits at full weight.
+    "ekd_sigramp": {"loss.ramp_length": 0.625, "loss.ramp_shape": "sigmoid", "loss.kd_ramp_start": 0.0,
+                    "loss.kd_ramp_length": 0.0},
     # Features only after the first learning-rate drop (62.5 %), when the online teacher is ahead.
+    # (A departure from METHOD.md's item 2, mimicking at every step: a probe, not a default.)
     "ekd_late": {"loss.ramp_start": 0.625, "loss.kd_ramp_start": 0.0, "loss.kd_ramp_length": 0.0},
     # The departure: the teacher trains alone for the student's budget first; DML given the same.
     "ekd_head": {"teacher.head_start": 1.0},

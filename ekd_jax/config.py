@@ -124,6 +124,7 @@ def config_difference(stored: dict, current: dict) -> list[str]:
 
 LOSS_CHOICES = {
     "feature_reduction": ("mean", "sum"),
+    "feature_kind": ("map", "relation"),
     "ramp_shape": ("linear", "sigmoid"),
     "transfer_mask": ("none", "teacher_correct", "teacher_ahead"),
     "mask_mean": losses.WEIGHTED_MEANS,

@@ -103,6 +103,40 @@ def feature_distance(
     return weighted_mean(per_sample, weights, over)
 
 
+def batch_similarity(f: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Row-normalised batch similarity of feature maps (N, ...) -> (N, N): G = A A^T with A the
+    flattened maps, each row of G divided by its L2 norm (Tung & Mori, similarity-preserving KD)."""
+    a = _f32(f).reshape(f.shape[0], -1)
+    g = a @ a.T
+    return g / jnp.sqrt(jnp.sum(g * g, axis=-1, keepdims=True) + eps)
+
+
+def relation_distance(
+    student_f: jax.Array,
+    teacher_f: jax.Array,
+    reduction: str = "mean",
+    weights: jax.Array | None = None,
+    over: str = "kept",
+) -> jax.Array:
+    """Squared distance between the two networks' batch-similarity matrices (:func:`batch_similarity`).
+
+    Sample i's distance is the squared error of its row (how it relates to every sample of the
+    batch): reduction='mean' averages the row's N entries, so the unweighted result is SP's
+    ||G_S - G_T||_F^2 / N^2; 'sum' sums them. Rows average over the batch as :func:`weighted_mean`
+    does. The maps may differ in channels and size (only the N x N matrices are compared).
+    """
+    if student_f.shape[0] != teacher_f.shape[0]:
+        raise ValueError(f"batch sizes differ: student {student_f.shape[0]} vs teacher {teacher_f.shape[0]}")
+    sq = jnp.square(batch_similarity(student_f) - batch_similarity(teacher_f))
+    if reduction == "mean":
+        per_sample = jnp.mean(sq, axis=-1)
+    elif reduction == "sum":
+        per_sample = jnp.sum(sq, axis=-1)
+    else:
+        raise ValueError(f"unknown feature reduction {reduction!r}; use 'mean' or 'sum'")
+    return weighted_mean(per_sample, weights, over)
+
+
 def attention_map(f: jax.Array, p: float = 2.0) -> jax.Array:
     """Zagoruyko & Komodakis attention: mean_c |f|^p over channels, flattened, L2-normalised. (N, H*W)."""
     f = _f32(f)

@@ -37,6 +37,10 @@ class LossConfig:
     # Defaults below are set from the recorded ablation (docs/results.md), not from the paper.
     feature_norm: bool = True  # L2-normalise each sample's map before the distance
     feature_reduction: str = "sum"  # 'mean' over elements or 'sum' per sample
+    # What of the stage maps the guided term compares: "map" = the maps themselves (D above);
+    # "relation" = each batch's row-normalised similarity matrix of the maps (similarity-preserving
+    # KD: which samples the network finds alike), losses.relation_distance; feature_norm is applied first.
+    feature_kind: str = "map"
     gamma: float = 1.0  # ekd co-evolution: teacher also learns KL(student -> teacher)
     coevolution: bool = False  # remove the stop-gradient on the teacher side of student terms
     # Fractions of the student's training: no transfer before ramp_start, weight 0 -> 1 over
@@ -201,10 +205,14 @@ def _ekd(o, cfg, progress):
                 for wk, hs, ht in zip(weights, o.guide["student"], o.guide["teacher"])
             )
         else:
-            dist = sum(
-                wk * losses.feature_distance(g, tgt(ft), cfg.feature_norm, cfg.feature_reduction, mask, cfg.mask_mean)
-                for wk, g, ft in zip(weights, o.guide["student"], o.teacher_stages)
-            )
+            def distance(g, ft):
+                if cfg.feature_kind == "relation":
+                    if cfg.feature_norm:
+                        g, ft = losses.l2_normalize_per_sample(g), losses.l2_normalize_per_sample(ft)
+                    return losses.relation_distance(g, ft, cfg.feature_reduction, mask, cfg.mask_mean)
+                return losses.feature_distance(g, ft, cfg.feature_norm, cfg.feature_reduction, mask, cfg.mask_mean)
+
+            dist = sum(wk * distance(g, tgt(ft)) for wk, g, ft in zip(weights, o.guide["student"], o.teacher_stages))
         terms["student/guided"] = cfg.beta * w * dist
     return terms
 

@@ -378,6 +378,7 @@ VALIDATE_CASES = {
     "transfer_mask_unknown": ({"loss.transfer_mask": "teacher_wrong"}, ["loss.transfer_mask='teacher_wrong'"]),
     "mask_mean_unknown": ({"loss.mask_mean": "median"}, ["loss.mask_mean='median'"]),
     "feature_reduction_unknown": ({"loss.feature_reduction": "max"}, ["loss.feature_reduction='max'"]),
+    "feature_kind_unknown": ({"loss.feature_kind": "gram"}, ["loss.feature_kind='gram'"]),
     "ramp_shape_unknown": ({"loss.ramp_shape": "cubic"}, ["loss.ramp_shape='cubic'"]),
     "guided_type_unknown": ({"guided.type": "attention"}, ["guided.type='attention'"]),
     "guided_stages_duplicated": ({"guided.stages": (1, 1)}, ["guided.stages=(1, 1)", "at most once"]),

@@ -147,6 +147,40 @@ def test_feature_distance_errors():
         losses.feature_distance(jnp.zeros((2, 3)), jnp.zeros((2, 3)), reduction="max")
 
 
+def _np_similarity(f):
+    a = f.reshape(f.shape[0], -1)
+    g = a @ a.T
+    return g / np.linalg.norm(g, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("weighted", [None, "kept", "batch"])
+def test_relation_distance(reduction, weighted):
+    """Similarity-preserving distance against a float64 formula; maps of different channel counts
+    and sizes are fine (only the N x N matrices meet); unweighted 'mean' is SP's ||G_S - G_T||^2 / N^2."""
+    rng = _rng(16)
+    s, t = rng.normal(size=(6, 2, 3, 4)), rng.normal(size=(6, 4, 4, 7))
+    sq = (_np_similarity(s) - _np_similarity(t)) ** 2
+    per = sq.mean(-1) if reduction == "mean" else sq.sum(-1)
+    w = WEIGHTS if weighted else None
+    want = _np_weighted_mean(per, w, weighted or "kept")
+    args = (_f32(w), weighted) if weighted else ()
+    got = losses.relation_distance(_f32(s), _f32(t), reduction, *args)
+    np.testing.assert_allclose(float(got), want, rtol=RTOL)
+    if reduction == "mean" and not weighted:
+        np.testing.assert_allclose(float(got), np.sum(sq) / 36, rtol=RTOL)
+
+
+def test_relation_distance_is_zero_for_rescaled_maps_and_errors():
+    f = _rng(17).normal(size=(5, 3, 3, 2))
+    # Row normalisation: a network whose maps are all 3x larger relates its samples the same way.
+    assert float(losses.relation_distance(_f32(f), _f32(3 * f))) < 1e-10
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        losses.relation_distance(jnp.zeros((2, 3)), jnp.zeros((3, 3)))
+    with pytest.raises(ValueError, match="unknown feature reduction 'max'"):
+        losses.relation_distance(jnp.ones((2, 3)), jnp.ones((2, 3)), reduction="max")
+
+
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
 def test_attention_map(p):
     f = _rng(7).normal(size=(3, 4, 5, 6))

@@ -158,6 +158,37 @@ def _terms_and_outputs(nets, state, batch_index=0, image_shape=(8, 8, 3)):
     return terms, outputs
 
 
+@pytest.mark.parametrize("norm", [False, True])
+def test_relation_guided_term_is_the_relation_distance_of_the_adapter_outputs(norm):
+    """feature_kind='relation': the guided term is beta x the sum over pairs of the batch-similarity
+    distance between adapter output and teacher map (normalised first when feature_norm is on),
+    not the map distance; its gradient reaches student and adapters, never the teacher."""
+    config = helpers.tiny_config("ekd", **{"loss.feature_kind": "relation", "loss.feature_norm": norm,
+                                           "loss.beta": 2.0})
+    nets, tx, state, mesh = helpers.build(config)
+    terms, o = _terms_and_outputs(nets, state)
+    cfg = nets.loss_cfg
+    prep = losses.l2_normalize_per_sample if norm else (lambda x: x)
+    want = cfg.beta * sum(
+        float(losses.relation_distance(prep(g), prep(ft), cfg.feature_reduction))
+        for g, ft in zip(o.guide["student"], o.teacher_stages)
+    )
+    mapwise = cfg.beta * sum(
+        float(losses.feature_distance(g, ft, norm, cfg.feature_reduction))
+        for g, ft in zip(o.guide["student"], o.teacher_stages)
+    )
+    assert want > 0 and abs(want - mapwise) > 1e-3 * want
+    np.testing.assert_allclose(float(terms["student/guided"]), want, rtol=1e-5)
+
+    def guided(params):
+        b = helpers.fake_batch(0, image_shape=(8, 8, 3))
+        batch = {"image": jnp.asarray(b["image"]), "label": jnp.asarray(b["label"]), "rng": state.rng}
+        return step.loss_terms(nets, params, state.batch_stats, batch, jnp.asarray(5, jnp.int32))[0]["student/guided"]
+
+    g = jax.jit(jax.grad(guided))(state.params)
+    assert _all_zero(g["teacher"]) and _any_nonzero(g["student"]) and _any_nonzero(g["guide"])
+
+
 def test_lowres_native_student_runs_with_spatial_bridging():
     """A native x2 student (8x8 input, stage maps half the teacher's size): each adapter brings the
     student's map to the teacher map's full shape, the guided term is the feature distance of exactly
