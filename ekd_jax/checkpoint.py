@@ -5,6 +5,12 @@ breaks resume. We use a preservation policy that keeps the latest N *and* the be
 accuracy. On resume, a checkpoint of another config or state shape is refused before its state is
 read; only one whose files fail to read is reported as corrupt, moved aside (never deleted), and
 the previous one tried.
+
+Multi-process runs (``ekd_jax.distributed``): every process calls save and restore (Orbax's
+primary host, process 0, writes the metadata and commits; every process writes the shards it
+owns), so ``checkpoints/`` must be a folder all hosts see. Decisions that touch files -- enough
+free space, a step that fails to read -- are agreed between the processes, so that all of them
+take the same path; only process 0 moves a corrupt step aside or prints.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from ekd_jax import distributed
+
 log = logging.getLogger(__name__)
 
 BEST_METRIC = "best_key"  # ranks checkpoints: student top-1, or teacher top-1 for a 'teacher' run
@@ -32,6 +40,14 @@ class CorruptCheckpointError(ValueError):
 
 def _summary(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def _summary_of(error: BaseException | None, failed: list) -> str:
+    """This process's error, or the first failing process's message (multi-process)."""
+    if error is not None:
+        return _summary(error)
+    i, _, text = failed[0]
+    return f"on process {i}: {text[:200]}"
 
 
 def _structure_difference(stored: Any, abstract: Any) -> list[str]:
@@ -74,6 +90,8 @@ class Checkpointer:
             # Made by the first save: a run refused before it (another config, a bad teacher
             # checkpoint, ...) leaves no checkpoints/ behind.
             create=False,
+            # Every process calls save/restore; process 0 writes the metadata and commits.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0),
         )
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -93,33 +111,45 @@ class Checkpointer:
         OSError (ENOSPC) naming the folder: Orbax's own failure, from inside its background
         threads, would come with pages of logged tracebacks and a half-written temporary folder.
         """
-        self.directory.mkdir(parents=True, exist_ok=True)
         # The arrays' bytes, plus what Orbax adds (metadata, OCDBT manifests: ~10% on small states).
         need = int(1.1 * sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(state))) + (1 << 20)
-        free = shutil.disk_usage(self.directory).free
-        if free < need:
-            raise OSError(
-                errno.ENOSPC,
-                f"No space left on device for the checkpoint of step {step} in {self.directory}: it needs about "
-                f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; free some space or use another --workdir",
-            )
+        # Asked on every process and agreed: a host whose disk is full stops all of them here,
+        # instead of failing alone inside Orbax while the others wait for it.
+        distributed.agree(self._check_free_space, step, need)
         self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             metrics={BEST_METRIC: float(best_key)},
         )
 
+    def _check_free_space(self, step: int, need: int) -> None:
+        where = self.directory
+        while not where.exists() and where != where.parent:  # made by the first save
+            where = where.parent
+        free = shutil.disk_usage(where).free
+        if free < need:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device for the checkpoint of step {step} in {self.directory}: it needs about "
+                f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; free some space or use another --workdir",
+            )
+
     def _move_aside(self, step: int, msg: str) -> None:
-        """Moves a corrupt step out of the manager's way, never overwriting an earlier copy."""
-        self.aside_directory.mkdir(exist_ok=True)
-        aside, n = self.aside_directory / str(step), 1
-        while aside.exists():  # the same step may have been moved aside before: keep both
-            aside, n = self.aside_directory / f"{step}.{n}", n + 1
-        shutil.move(str(self.directory / str(step)), aside)
+        """Moves a corrupt step out of the manager's way, never overwriting an earlier copy (process 0
+        moves it; every process then reloads the manager's list of steps)."""
+        aside = None
+        if distributed.is_primary():
+            self.aside_directory.mkdir(exist_ok=True)
+            aside, n = self.aside_directory / str(step), 1
+            while aside.exists():  # the same step may have been moved aside before: keep both
+                aside, n = self.aside_directory / f"{step}.{n}", n + 1
+            shutil.move(str(self.directory / str(step)), aside)
+        distributed.sync(f"ekd_jax:checkpoint_moved_aside:{step}")
         self.manager.reload()
-        # Logged below the command line's WARNING level: the warning printed next is what users read.
-        log.info("%s; moved to %s, trying the previous one", msg, aside)
-        print(f"warning: {msg}; moved to {aside}, trying the previous one", file=sys.stderr, flush=True)
+        if aside is not None:
+            # Logged below the command line's WARNING level: the warning printed next is what users read.
+            log.info("%s; moved to %s, trying the previous one", msg, aside)
+            print(f"warning: {msg}; moved to {aside}, trying the previous one", file=sys.stderr, flush=True)
 
     def restore_latest(
         self, abstract_state: Any, check_meta: Callable[[dict], None] | None = None
@@ -135,15 +165,19 @@ class Checkpointer:
         errors = []
         for step in reversed(self.all_steps()):
             where = f"checkpoint at step {step} in {self.directory}"
+            meta = stored = error = None
             try:
                 meta = dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
                 stored = self.manager.item_metadata(step)["state"]
             except Exception as e:  # orbax raises many types for truncated/missing files
-                errors.append(f"{where} is corrupt or incomplete ({_summary(e)})")
+                error = e
+            failed = distributed.failures(error)  # agreed: a step unreadable on any host is corrupt for all
+            if failed:
+                errors.append(f"{where} is corrupt or incomplete ({_summary_of(error, failed)})")
                 self._move_aside(step, errors[-1])
                 continue
             if check_meta is not None:
-                check_meta(meta)
+                distributed.agree(check_meta, meta)
             tree = getattr(stored, "tree", stored)
             diff = _structure_difference(tree, abstract_state) if tree is not None else []
             if diff:
@@ -153,15 +187,19 @@ class Checkpointer:
                     + "): it was written by another version of ekd_jax or another config. Use a new "
                     "--workdir (the checkpoints are left as they are)"
                 )
+            restored = error = None
             try:
                 restored = self.manager.restore(
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
                 )
             except Exception as e:
-                errors.append(f"{where} is corrupt or incomplete ({_summary(e)})")
+                error = e
+            failed = distributed.failures(error)
+            if failed:
+                errors.append(f"{where} is corrupt or incomplete ({_summary_of(error, failed)})")
                 self._move_aside(step, errors[-1])
                 continue
-            if errors:
+            if errors and distributed.is_primary():
                 print(f"warning: resumed from step {step} instead of the corrupt newer checkpoint(s)", file=sys.stderr, flush=True)
             return restored["state"], meta
         if not errors:
@@ -197,9 +235,13 @@ class Checkpointer:
 
 
 def save_network(directory: str | pathlib.Path, variables: Any) -> None:
-    """Writes one network's {'params', 'batch_stats'} synchronously (used for student/ and teacher/)."""
+    """Writes one network's {'params', 'batch_stats'} (host arrays) synchronously (student/ and
+    teacher/). Called by one process alone (in a multi-process run, process 0): Orbax is told
+    that only this process takes part, so it waits for no other."""
     path = pathlib.Path(directory).absolute() / "variables"
-    with ocp.StandardCheckpointer() as ckptr:
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
         ckptr.save(path, variables, force=True)
 
 

@@ -11,7 +11,8 @@ One config string, ``data.source``, picks where the images come from:
 * ``digits``       scikit-learn's bundled 8x8 handwritten digits: the offline default.
 
 Every source becomes the same in-memory :class:`Dataset` of uint8 arrays. The host only
-slices uint8 batches (:func:`train_batch`, :func:`eval_batches`); augmentation,
+slices uint8 batches (:func:`train_batch`, :func:`eval_batches`; in a multi-process run only
+this process's rows of each, :func:`process_batch_indices`); augmentation,
 normalisation and the student's low-resolution view are pure ``jnp`` functions
 (:func:`make_views`) meant to run on the device inside the jitted step. Every training
 batch and its augmentation follow from ``(seed, step)`` alone, which makes resuming exact.
@@ -35,7 +36,7 @@ import numpy as np
 from ml_collections import config_dict
 from PIL import Image
 
-SOURCE_FORMS = ("digits", "tfds:<name>", "npz:<path>")
+SOURCE_FORMS = ("digits", "tfds:<name>", "npz:<path>", "arrayrecord:<pattern>")
 LOWRES_MODES = ("upsample", "native")
 DOWNSAMPLE_FACTORS = (1, 2, 4, 8)
 NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
@@ -59,6 +60,17 @@ def default_config() -> ml_collections.ConfigDict:
             crop_padding=4,  # random crop with this zero padding (0 = no crop)
             flip=True,
             tfds_data_dir=config_dict.placeholder(str),
+            # Fixed per-channel normalisation statistics in [0, 1] units (e.g. ImageNet's); empty =
+            # measured on the training split (in memory; the stream needs fixed ones).
+            mean=(),
+            std=(),
+            # Datasets larger than memory (ekd_jax/streaming.py): read tfds:<name> by index with grain
+            # (arrayrecord:<pattern> sources always are); decode and random-resized crop on the host.
+            streaming=False,
+            crop_scale=(0.08, 1.0),  # stream: random-resized crop's area fraction (min, max)
+            crop_ratio=(3 / 4, 4 / 3),  # stream: its aspect ratio (min, max)
+            eval_resize=config_dict.placeholder(int),  # stream: shorter side before the centre crop (None = image_size)
+            workers=0,  # stream: grain worker processes (0 = in the training process)
         )
     )
 
@@ -109,10 +121,15 @@ class Dataset:
 
 
 def load_dataset(cfg: Any) -> Dataset:
-    """Loads ``cfg.source`` into memory, resized, validated and optionally subset."""
+    """Loads ``cfg.source`` into memory, resized, validated and optionally subset (a streamed source,
+    ``arrayrecord:`` or ``data.streaming``, is opened instead: an ``ekd_jax.streaming.StreamDataset``)."""
     kind, arg = _parse_source(_get(cfg, "source"))
     check_config(cfg)
     image_size = _get(cfg, "image_size")
+    if kind == "arrayrecord" or _get(cfg, "streaming"):  # larger than memory: read by index, never loaded
+        from ekd_jax import streaming
+
+        return streaming.load(cfg)
 
     if kind == "digits":
         x_train, y_train, x_test, y_test, names = _load_digits()
@@ -130,6 +147,13 @@ def load_dataset(cfg: Any) -> Dataset:
         x_test = _resize_images(x_test, image_size)
     _check_downsample(cfg, x_train.shape[1:3])
     mean, std = channel_stats(x_train)
+    if _get(cfg, "mean"):  # fixed statistics (config.validate has checked them), e.g. ImageNet's
+        mean, std = tuple(map(float, _get(cfg, "mean"))), tuple(map(float, _get(cfg, "std")))
+        if len(mean) != x_train.shape[-1]:
+            raise ValueError(
+                f"data.mean={mean!r} is not valid: one value per channel of the images, which have "
+                f"{x_train.shape[-1]}; fix --config.data.mean"
+            )
 
     keep = class_balanced_subset(
         y_train,
@@ -159,7 +183,7 @@ def _parse_source(source: Any) -> tuple[str, str]:
         if source == "digits":
             return "digits", ""
         kind, sep, arg = source.partition(":")
-        if sep and kind in ("tfds", "npz") and arg.strip():
+        if sep and kind in ("tfds", "npz", "arrayrecord") and arg.strip():
             return kind, arg.strip()
     raise ValueError(
         f"Unknown data.source {source!r}. Valid forms: {', '.join(SOURCE_FORMS)} "
@@ -200,6 +224,9 @@ def check_config(cfg: Any) -> None:
     if not _is_int(padding) or padding < 0:
         raise ValueError(f"data.crop_padding must be an int >= 0 (0 = no crop), got {padding!r}.")
     _check_downsample(cfg, None if image_size is None else (image_size, image_size))
+    from ekd_jax import streaming  # the stream's fields and the fixed statistics
+
+    streaming.check_config(cfg)
 
 
 def _check_downsample(cfg: Any, hw: Sequence[int] | None) -> None:
@@ -524,35 +551,63 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return _cached_permutation(int(n), int(seed), int(epoch))
 
 
+def batch_indices(train_size: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """The training-split indices of global ``step``'s whole batch: a function of (seed, step)."""
+    epoch, i = divmod(step, steps_per_epoch(train_size, batch_size))
+    return epoch_permutation(train_size, seed, epoch)[i * batch_size : (i + 1) * batch_size]
+
+
+def process_batch_indices(
+    train_size: int, batch_size: int, seed: int, step: int, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """The training-split indices this process loads for global ``step``: the ``rows`` (positions
+    in the global batch its devices hold, ``parallel.process_rows``) of the (seed, step) batch.
+
+    The one place where a global batch is split between processes. The global batch is the same
+    however it is split, so a run's result does not depend on the process count; any source that
+    can read examples by index (this in-memory one, a random-access file) reuses it.
+    """
+    idx = batch_indices(train_size, batch_size, seed, step)
+    return idx if rows is None else idx[rows]
+
+
 def train_batch(
-    ds: Dataset, batch_size: int, seed: int, step: int
+    ds: Dataset, batch_size: int, seed: int, step: int, rows: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The uint8 images and int32 labels of global ``step``; depends only on (seed, step)."""
-    epoch, i = divmod(step, steps_per_epoch(ds.train_size, batch_size))
-    idx = epoch_permutation(ds.train_size, seed, epoch)[i * batch_size : (i + 1) * batch_size]
+    """The uint8 images and int32 labels of global ``step`` (only the batch positions ``rows``,
+    this process's, when given); depends only on (seed, step)."""
+    if not isinstance(ds, Dataset):  # a stream (ekd_jax.streaming) reads and crops the same rows itself
+        return ds.train_batch(batch_size, seed, step, rows)
+    idx = process_batch_indices(ds.train_size, batch_size, seed, step, rows)
     return ds.x_train[idx], ds.y_train[idx]
 
 
 def eval_batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int
+    x: np.ndarray, y: np.ndarray, batch_size: int, rows: np.ndarray | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yields ``(x, y, mask)`` covering every example once, all batches ``batch_size`` long.
 
     The last batch is zero-padded so the eval step compiles once; ``mask`` (float32, 1 for
-    real examples) lets metrics ignore the padding.
+    real examples) lets metrics ignore the padding. With ``rows`` (positions in the batch, this
+    process's) only those rows of each batch are yielded: every process gets the same number
+    of batches, padded the same way, whatever its share of the real examples.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if hasattr(x, "eval_batches"):  # a streamed split (ekd_jax.streaming.TestSplit): same batches, read from files
+        yield from x.eval_batches(batch_size, rows)
+        return
+    positions = np.arange(batch_size) if rows is None else np.asarray(rows)
     for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        real = len(xb)
-        mask = np.zeros(batch_size, np.float32)
-        mask[:real] = 1.0
-        if real < batch_size:
-            pad = batch_size - real
-            xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
-            yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
-        yield xb, yb, mask
+        idx = start + positions
+        real = idx < len(x)
+        if real.all():
+            yield x[idx], y[idx], np.ones(len(idx), np.float32)
+            continue
+        xb = np.zeros((len(idx), *x.shape[1:]), x.dtype)
+        yb = np.zeros(len(idx), y.dtype)
+        xb[real], yb[real] = x[idx[real]], y[idx[real]]
+        yield xb, yb, real.astype(np.float32)
 
 
 # --------------------------------------------------------------------------- device side

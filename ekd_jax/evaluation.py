@@ -45,10 +45,12 @@ def accumulate(sums_fn: Callable[[Any, dict], dict[str, jax.Array]], first: Any,
                batch_size: int, mesh) -> dict[str, np.ndarray]:
     """Runs the jitted ``sums_fn(first, batch)`` over the test arrays (batches sharded over
     ``mesh``, keys image/label/mask; it returns sums including 'count', the real examples) and
-    returns the totals on the host."""
+    returns the totals on the host. Each process feeds only its rows of every batch; the sums
+    are over the global batch (replicated), so every process returns the same totals."""
     totals = None
-    for xb, yb, mask in data.eval_batches(x, y, batch_size):
-        out = sums_fn(first, parallel.shard_batch({"image": xb, "label": yb, "mask": mask}, mesh))
+    rows = parallel.process_rows(mesh, batch_size)
+    for xb, yb, mask in data.eval_batches(x, y, batch_size, rows):
+        out = sums_fn(first, parallel.global_batch({"image": xb, "label": yb, "mask": mask}, mesh, batch_size))
         totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
     return {k: np.asarray(v) for k, v in jax.device_get(totals).items()}
 

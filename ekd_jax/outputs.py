@@ -1,8 +1,9 @@
 """What a run writes besides checkpoints: metrics.jsonl, TensorBoard, curves.png, summary.json,
 the saved networks (student/, teacher/) and the console lines.
 
-All of it goes through one :class:`RunWriter`, so that a multi-process run can let exactly one
-process write (``enabled=False`` elsewhere) while every process computes the same values.
+All of it goes through one :class:`RunWriter`, so that a multi-process run lets exactly one
+process write and print (process 0; ``enabled=False`` elsewhere) while every process computes
+the same values and keeps the same records.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ekd_jax import checkpoint
+from ekd_jax import checkpoint, distributed
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -93,6 +94,7 @@ class RunWriter:
         if path.exists():
             lines = path.read_text().splitlines()
             self.records = [r for r in (json.loads(line) for line in lines if line.strip()) if r["epoch"] < start_epoch]
+        distributed.sync("ekd_jax:metrics_read")  # every process has read the file before it is rewritten
         if self.enabled:
             path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
             from tensorboardX import SummaryWriter

@@ -8,6 +8,13 @@ checking the stored run's config), :func:`run_epochs`, :func:`finish` (saved net
 Everything is reproducible from (config, seed, step): batches are chosen by (seed, step) and
 augmented on device with keys fold_in(seed, step), so a run resumed from an epoch checkpoint
 ends bitwise-identical to an uninterrupted one (on the same machine and device count).
+
+Multi-process runs (after ``ekd_jax.distributed.initialize``; ``python -m ekd_jax.main`` does it
+from its flags) are the same loop on every process: the mesh spans all devices, each process
+loads only its rows of every global batch (the same global batch for any process count), and
+only process 0 writes outputs and prints; checkpoints are saved and restored by all processes.
+Checks that could answer differently on different hosts are agreed (``distributed.agree``), so
+that a refusal stops every process with the same message instead of leaving some waiting.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import jax
 import numpy as np
 import optax
 
-from ekd_jax import checkpoint, data, evaluation, outputs, parallel, step
+from ekd_jax import checkpoint, data, distributed, evaluation, outputs, parallel, step
 from ekd_jax import config as config_lib
 from ekd_jax.outputs import tree_sha256
 from ekd_jax.methods import get_method
@@ -63,7 +70,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     t_start = time.time()
     run = set_up(config, workdir)
     with checkpoint.Checkpointer(run.workdir, keep=config.checkpoint_keep, async_save=config.async_checkpoint) as ckpt, \
-            outputs.RunWriter(run.workdir) as out:
+            outputs.RunWriter(run.workdir, enabled=distributed.is_primary()) as out:
         state, start_epoch, best = restore(run, ckpt, out)
         out.resume(start_epoch)
         steps = step.compile_steps(run.nets, run.tx, run.mesh)
@@ -80,15 +87,48 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def set_up(config, workdir: str) -> Run:
     """Validates the config, the workdir (and a stored run in it), the data and the networks
     before anything is compiled; builds networks, optimizer and schedules."""
-    config_lib.validate(config)
-    workdir = config_lib.prepare_workdir(workdir)
+    distributed.agree(config_lib.validate, config)
+    workdir = prepare_workdir(workdir)
     config_json = json.loads(config.to_json_best_effort())
     with checkpoint.Checkpointer(workdir) as ckpt:  # the stored run's meta only: nothing built yet
         stored = ckpt.newest_meta()
     if stored is not None:
-        refuse_other_run(workdir, stored, config_json)
-    ds = data.load_dataset(config.data)
+        distributed.agree(refuse_other_run, workdir, stored, config_json)
+    ds = load_dataset(config.data)
     mesh = parallel.make_mesh()
+    return distributed.agree(_build, config, config_json, workdir, ds, mesh)
+
+
+def prepare_workdir(workdir: str) -> pathlib.Path:
+    """The workdir, made and proven writable by process 0; every other process then checks that
+    it sees the same folder (it must be on a filesystem all hosts share: they all write checkpoints)."""
+    if distributed.process_count() == 1:
+        return config_lib.prepare_workdir(workdir)
+
+    def prepare() -> pathlib.Path:
+        if distributed.is_primary():
+            return config_lib.prepare_workdir(workdir)
+        path = pathlib.Path(workdir).expanduser().absolute()
+        if not path.is_dir():
+            raise ValueError(
+                f"--workdir {str(workdir)!r}: process {distributed.process_index()} does not see the folder "
+                f"process 0 made ({path}); every process needs the same --workdir on a filesystem all hosts share"
+            )
+        return path
+
+    return distributed.primary_first(prepare)
+
+
+def load_dataset(cfg) -> data.Dataset:
+    """The dataset on every process (agreed: a file missing on one host stops all). A TFDS source is
+    prepared by process 0 first, so that processes sharing its data_dir never prepare it at once."""
+    if str(cfg.source).startswith("tfds:"):
+        return distributed.primary_first(data.load_dataset, cfg)
+    return distributed.agree(data.load_dataset, cfg)
+
+
+def _build(config, config_json: dict, workdir: pathlib.Path, ds: data.Dataset, mesh) -> Run:
+    """Checks the batch sizes against the mesh, then builds networks, optimizer and schedules."""
     parallel.check_batch_size(config.batch_size, mesh)
     parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     spe = data.steps_per_epoch(ds.train_size, config.batch_size)
@@ -117,7 +157,9 @@ def describe(run: Run) -> str:
         f"{run.nets.method.name}: teacher {c.teacher.model} {list(run.nets.teacher_input_shape)} -> student "
         f"{c.student.model} {list(run.nets.student_input_shape)} | {c.data.source}: {ds.train_size} train / "
         f"{ds.test_size} test, {ds.num_classes} classes | {run.mesh.devices.size} device(s) "
-        f"{jax.devices()[0].platform} | {c.num_epochs} epochs x {run.steps_per_epoch} steps"
+        f"{jax.devices()[0].platform}"
+        + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
+        + f" | {c.num_epochs} epochs x {run.steps_per_epoch} steps"
         + (f" after a teacher head start of {run.head.epochs} epochs" if run.head.epochs else "")
     )
 
@@ -204,13 +246,14 @@ def run_epochs(run: Run, state, start_epoch: int, best: dict, steps: step.Steps,
 
 def train_epoch(run: Run, state, epoch: int, train_step, out):
     """One epoch of steps; checks the loss terms are finite at every log point. Returns (state, metrics per step)."""
-    spe, every = run.steps_per_epoch, run.config.log_every_steps
+    spe, every, size = run.steps_per_epoch, run.config.log_every_steps, run.config.batch_size
+    rows = parallel.process_rows(run.mesh, size)  # this process's share of every global batch
     history: list[dict] = []
-    progress = _Progress(spe, epoch, run.num_epochs)
+    progress = _Progress(spe, epoch, run.num_epochs, enabled=out.enabled)
     for i in range(spe):
         gstep = epoch * spe + i
-        x, y = data.train_batch(run.ds, run.config.batch_size, run.config.seed, gstep)
-        state, m = train_step(state, parallel.shard_batch({"image": x, "label": y}, run.mesh), gstep)
+        x, y = data.train_batch(run.ds, size, run.config.seed, gstep, rows)
+        state, m = train_step(state, parallel.global_batch({"image": x, "label": y}, run.mesh, size), gstep)
         history.append(m)
         progress.update()
         if (i + 1) % every == 0 or i + 1 == spe:
@@ -262,8 +305,8 @@ def _first_non_finite(history: list[dict], first_step: int) -> tuple[int, str] |
 class _Progress:
     """tqdm bar per epoch on a terminal; plain log lines otherwise."""
 
-    def __init__(self, total: int, epoch: int, num_epochs: int):
-        self.tty = sys.stderr.isatty()
+    def __init__(self, total: int, epoch: int, num_epochs: int, enabled: bool = True):
+        self.tty = enabled and sys.stderr.isatty()
         self.bar = None
         if self.tty:
             from tqdm.auto import tqdm
@@ -283,7 +326,8 @@ class _Progress:
 
 
 def finish(run: Run, state, best: dict, out: outputs.RunWriter, wall_s: float) -> dict:
-    """Writes student/ and teacher/ (each network alone), curves.png and summary.json; returns the summary."""
+    """Writes student/ and teacher/ (each network alone), curves.png and summary.json (process 0);
+    returns the summary (on every process)."""
     config, ds, nets = run.config, run.ds, run.nets
     for which, runs in (("student", nets.method.runs_student), ("teacher", nets.method.runs_teacher)):
         if runs:
@@ -304,6 +348,7 @@ def finish(run: Run, state, best: dict, out: outputs.RunWriter, wall_s: float) -
         "teacher_input_shape": list(nets.teacher_input_shape),
         "student_input_shape": list(nets.student_input_shape),
         "num_devices": int(run.mesh.devices.size),
+        "num_processes": jax.process_count(),
         "epochs": config.num_epochs,
         "teacher_head_start_epochs": run.head.epochs,
         "steps": int(state.step),
@@ -324,6 +369,7 @@ def finish(run: Run, state, best: dict, out: outputs.RunWriter, wall_s: float) -
         "config": run.config_json,
     }
     out.finish(summary)
+    distributed.sync("ekd_jax:finished")  # on every process, the outputs exist once this returns
     return summary
 
 
