@@ -9,8 +9,10 @@ One config string, ``data.source``, picks where the images come from:
 * ``npz:<path>``   a NumPy archive with ``x_train, y_train, x_test, y_test`` (uint8 NHWC,
   or NHW for grayscale; integer labels) and optional ``class_names``: bring your own data.
 * ``digits``       scikit-learn's bundled 8x8 handwritten digits: the offline default.
+* ``arrayrecord:<pattern>`` (and ``tfds:<name>`` with ``data.streaming=True``): datasets larger
+  than memory, read by index through a grain stream (:mod:`ekd_jax.streaming`), never loaded.
 
-Every source becomes the same in-memory :class:`Dataset` of uint8 arrays. The host only
+Every other source becomes the same in-memory :class:`Dataset` of uint8 arrays. The host only
 slices uint8 batches (:func:`train_batch`, :func:`eval_batches`; in a multi-process run only
 this process's rows of each, :func:`process_batch_indices`); augmentation,
 normalisation and the student's low-resolution view are pure ``jnp`` functions

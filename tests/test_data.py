@@ -66,6 +66,13 @@ def test_default_config_fields():
         crop_padding=4,
         flip=True,
         tfds_data_dir=None,
+        mean=(),
+        std=(),
+        streaming=False,
+        crop_scale=(0.08, 1.0),
+        crop_ratio=(3 / 4, 4 / 3),
+        eval_resize=None,
+        workers=0,
     )
 
 
