@@ -245,7 +245,7 @@ def test_teacher_then_kd_keeps_teacher_fixed(tmp_path):
 def test_schedule_multistep_and_warmup():
     """Every schedule warms up the same way (linear from 0, optax), milestones stay at their
     fractions of the whole run, and milestones that would merge at this length are refused."""
-    c = tiny()
+    c = tiny(**{"optimizer.learning_rate": 0.05})
     c.schedule.warmup_epochs = 1.0
     sched = train.make_schedule(c, steps_per_epoch=10, total_steps=80)
     lrs = np.array([float(sched(t)) for t in range(80)])
