@@ -379,6 +379,8 @@ VALIDATE_CASES = {
     "mask_mean_unknown": ({"loss.mask_mean": "median"}, ["loss.mask_mean='median'"]),
     "feature_reduction_unknown": ({"loss.feature_reduction": "max"}, ["loss.feature_reduction='max'"]),
     "feature_kind_unknown": ({"loss.feature_kind": "gram"}, ["loss.feature_kind='gram'"]),
+    "relation_with_aux_heads": ({"loss.feature_kind": "relation", "guided.type": "aux_head"},
+                                ["loss.feature_kind='relation'", "guided.type=adapter"]),
     "ramp_shape_unknown": ({"loss.ramp_shape": "cubic"}, ["loss.ramp_shape='cubic'"]),
     "guided_type_unknown": ({"guided.type": "attention"}, ["guided.type='attention'"]),
     "guided_stages_duplicated": ({"guided.stages": (1, 1)}, ["guided.stages=(1, 1)", "at most once"]),

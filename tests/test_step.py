@@ -164,7 +164,7 @@ def test_relation_guided_term_is_the_relation_distance_of_the_adapter_outputs(no
     distance between adapter output and teacher map (normalised first when feature_norm is on),
     not the map distance; its gradient reaches student and adapters, never the teacher."""
     config = helpers.tiny_config("ekd", **{"loss.feature_kind": "relation", "loss.feature_norm": norm,
-                                           "loss.beta": 2.0})
+                                           "loss.beta": 2.0, "guided.type": "adapter"})
     nets, tx, state, mesh = helpers.build(config)
     terms, o = _terms_and_outputs(nets, state)
     cfg = nets.loss_cfg
@@ -193,7 +193,8 @@ def test_lowres_native_student_runs_with_spatial_bridging():
     """A native x2 student (8x8 input, stage maps half the teacher's size): each adapter brings the
     student's map to the teacher map's full shape, the guided term is the feature distance of exactly
     those maps, and its gradient trains student and adapters (through the resize) but not the teacher."""
-    config = helpers.tiny_config("ekd", **{"data.student_downsample": 2, "data.lowres_mode": "native"})
+    config = helpers.tiny_config("ekd", **{"data.student_downsample": 2, "data.lowres_mode": "native",
+                                           "guided.type": "adapter"})
     config.teacher.model = "resnet14"
     nets, tx, state, mesh = helpers.build(config, image_shape=(16, 16, 3))
     assert nets.student_input_shape == (8, 8, 3) and nets.teacher_input_shape == (16, 16, 3)
@@ -381,7 +382,7 @@ def test_aux_head_teacher_heads_train_the_backbone_only_when_asked(backbone_grad
 def test_teacher_ahead_mask_weights_the_transfer_terms():
     """transfer_mask='teacher_ahead' inside the step: the KD and guided terms are the per-sample terms
     weighted by max(0, p_T(y) - p_S(y)) from the step's own logits, averaged over the kept weight."""
-    config = helpers.tiny_config("ekd", **{"loss.transfer_mask": "teacher_ahead"})
+    config = helpers.tiny_config("ekd", **{"loss.transfer_mask": "teacher_ahead", "guided.type": "adapter"})
     nets, tx, state, mesh = helpers.build(config)
     cfg = nets.loss_cfg
     terms, o = _terms_and_outputs(nets, state)
