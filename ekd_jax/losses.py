@@ -72,6 +72,15 @@ def l2_normalize_per_sample(f: jax.Array, eps: float = 1e-12) -> jax.Array:
     return (flat / norm).reshape(f.shape)
 
 
+def _per_sample(sq: jax.Array, reduction: str) -> jax.Array:
+    """(N, M) squared errors -> (N,): 'mean' or 'sum' over each sample's M entries."""
+    if reduction == "mean":
+        return jnp.mean(sq, axis=-1)
+    if reduction == "sum":
+        return jnp.sum(sq, axis=-1)
+    raise ValueError(f"unknown feature reduction {reduction!r}; use 'mean' or 'sum'")
+
+
 def feature_distance(
     student_f: jax.Array,
     teacher_f: jax.Array,
@@ -94,13 +103,7 @@ def feature_distance(
     if normalize:
         s, t = l2_normalize_per_sample(s), l2_normalize_per_sample(t)
     sq = jnp.square(s - t).reshape(s.shape[0], -1)
-    if reduction == "mean":
-        per_sample = jnp.mean(sq, axis=-1)
-    elif reduction == "sum":
-        per_sample = jnp.sum(sq, axis=-1)
-    else:
-        raise ValueError(f"unknown feature reduction {reduction!r}; use 'mean' or 'sum'")
-    return weighted_mean(per_sample, weights, over)
+    return weighted_mean(_per_sample(sq, reduction), weights, over)
 
 
 def batch_similarity(f: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -128,13 +131,7 @@ def relation_distance(
     if student_f.shape[0] != teacher_f.shape[0]:
         raise ValueError(f"batch sizes differ: student {student_f.shape[0]} vs teacher {teacher_f.shape[0]}")
     sq = jnp.square(batch_similarity(student_f) - batch_similarity(teacher_f))
-    if reduction == "mean":
-        per_sample = jnp.mean(sq, axis=-1)
-    elif reduction == "sum":
-        per_sample = jnp.sum(sq, axis=-1)
-    else:
-        raise ValueError(f"unknown feature reduction {reduction!r}; use 'mean' or 'sum'")
-    return weighted_mean(per_sample, weights, over)
+    return weighted_mean(_per_sample(sq, reduction), weights, over)
 
 
 def attention_map(f: jax.Array, p: float = 2.0) -> jax.Array:
