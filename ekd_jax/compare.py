@@ -5,6 +5,9 @@
 
 Each (method, seed) trains in ``<workdir>/<method>_s<seed>`` (resumed if interrupted, reused if
 finished); offline methods (kd, fitnet, at) first get a ``teacher`` run of the same seed.
+``--reuse DIR1,DIR2`` takes a finished run of exactly the same config from other workdirs (another
+comparison, an ablation) instead of training it again: its records, exported weights and TensorBoard
+files are copied into this workdir (not its checkpoints).
 Writes ``results.md``, ``results.json`` and ``results.png`` in ``<workdir>`` after every run, so
 partial results survive an interruption.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import numpy as np
 from absl import flags
@@ -27,6 +31,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "the experiment config
 flags.DEFINE_string("workdir", None, "the folder for all runs and the results")
 flags.DEFINE_list("methods", ["vanilla", "kd", "dml", "ekd"], "Methods to compare.")
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds (init and data order; the few-sample subset stays fixed).")
+flags.DEFINE_list("reuse", [], "Workdirs whose finished runs of the same config are copied in, not trained again.")
 
 
 def _summary(path: pathlib.Path) -> dict | None:
@@ -34,13 +39,56 @@ def _summary(path: pathlib.Path) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def run_one(config, workdir: pathlib.Path) -> dict:
+def _same_config(summary: dict, config) -> bool:
+    """A finished run's config is this one (switches added since then at their defaults)."""
     from ekd_jax import config as config_lib
+
+    return not config_lib.config_difference(summary["config"], json.loads(config.to_json_best_effort()))
+
+
+def _teacher_sha(workdir: str) -> str | None:
+    done = _summary(pathlib.Path(workdir)) if workdir else None
+    return done.get("teacher_params_sha256") if done else None
+
+
+def find_finished(config, folders) -> tuple[pathlib.Path, dict] | None:
+    """The first finished run (``<folder>/<run>/summary.json``) whose config is ``config``, and its
+    summary as this workdir records it.
+
+    An offline method's run names its teacher by folder: a run from another workdir counts as the
+    same when everything else agrees and its teacher's parameters hash equal to ``config``'s; its
+    summary then names ``config``'s teacher folder (the same weights)."""
+    for folder in map(pathlib.Path, folders):
+        for path in sorted(folder.glob("*/summary.json")):
+            summary = json.loads(path.read_text())
+            theirs = summary["config"].get("teacher", {}).get("checkpoint", "")
+            if theirs and theirs != config.teacher.checkpoint:
+                sha = _teacher_sha(config.teacher.checkpoint)
+                if sha is None or sha != _teacher_sha(theirs):
+                    continue
+                summary = {**summary, "config": {**summary["config"],
+                                                 "teacher": {**summary["config"]["teacher"],
+                                                             "checkpoint": config.teacher.checkpoint}}}
+            if _same_config(summary, config):
+                return path.parent, summary
+    return None
+
+
+def run_one(config, workdir: pathlib.Path, reuse=()) -> dict:
     from ekd_jax import train
 
     done = _summary(workdir)
-    if done is not None and not config_lib.config_difference(done["config"], json.loads(config.to_json_best_effort())):
-        return done  # finished with this config (switches added since then at their defaults)
+    if done is not None and _same_config(done, config):
+        return done  # finished with this config
+    if not workdir.exists() and reuse:
+        found = find_finished(config, reuse)
+        if found is not None:
+            src, summary = found
+            print(f"reusing the finished run {src} (same config)", flush=True)
+            shutil.copytree(src, workdir, ignore=shutil.ignore_patterns("checkpoints"))
+            summary = {**summary, "copied_from": str(src)}
+            (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+            return summary
     return train.train_and_evaluate(config, str(workdir))
 
 
@@ -51,8 +99,11 @@ def _drop_unused_head_start(c) -> None:
         c.teacher.head_start = 0.0
 
 
-def compare(config, methods: list[str], seeds: list[int], workdir: str) -> dict:
-    """Runs every (method, seed) and writes the results; returns {method: [summaries]}."""
+def compare(config, methods: list[str], seeds: list[int], workdir: str, reuse=()) -> dict:
+    """Runs every (method, seed) and writes the results; returns {method: [summaries]}.
+
+    ``reuse``: folders of other workdirs whose finished runs of the same config are copied in
+    rather than trained again (:func:`run_one`)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
@@ -68,10 +119,10 @@ def compare(config, methods: list[str], seeds: list[int], workdir: str) -> dict:
                 t = config.copy_and_resolve_references()
                 t.seed, t.method = seed, "teacher"
                 _drop_unused_head_start(t)
-                run_one(t, root / f"teacher_s{seed}")
+                run_one(t, root / f"teacher_s{seed}", reuse)
                 c.teacher.checkpoint = str(root / f"teacher_s{seed}")
             print(f"=== {method}, seed {seed} ===", flush=True)
-            results[method].append(run_one(c, root / f"{method}_s{seed}"))
+            results[method].append(run_one(c, root / f"{method}_s{seed}", reuse))
             write_results(results, config, root)
     return results
 
@@ -186,7 +237,10 @@ def main() -> None:
         seeds = [int(s) for s in FLAGS.seeds]
     except ValueError:
         raise ValueError(f"--seeds must be integers, got {FLAGS.seeds}") from None
-    compare(_CONFIG.value, FLAGS.methods, seeds, FLAGS.workdir)
+    missing = [d for d in FLAGS.reuse if not pathlib.Path(d).is_dir()]
+    if missing:
+        raise ValueError(f"--reuse folder(s) {missing} do not exist; pass workdirs of earlier comparisons or ablations")
+    compare(_CONFIG.value, FLAGS.methods, seeds, FLAGS.workdir, FLAGS.reuse)
     print((pathlib.Path(FLAGS.workdir) / "results.md").read_text())
 
 

@@ -284,3 +284,18 @@ def test_compare_runner_writes_table_and_runs_teacher_first(tmp_path):
         assert cfg["teacher"]["head_start"] == 0.0, run
     again = compare.compare(tiny(num_epochs=1, **{"teacher.head_start": 0.5}), ["vanilla"], [0], str(tmp_path))
     assert again["vanilla"][0]["wall_s"] == results["vanilla"][0]["wall_s"]  # reused, not retrained
+    # --reuse: another workdir takes the finished runs of the same config (kd with its teacher)
+    # instead of training them; a run whose config differs is trained, and the donor is untouched.
+    other = tmp_path / "other"
+    moved = compare.compare(tiny(num_epochs=1), ["vanilla", "kd"], [0], str(other), reuse=[str(tmp_path)])
+    assert moved["kd"][0]["wall_s"] == results["kd"][0]["wall_s"]
+    assert (other / "teacher_s0" / "teacher").is_dir() and not (other / "kd_s0" / "checkpoints").exists()
+    # kd's config names its teacher's folder: taken because the two teachers hash equal, recorded
+    # with this workdir's teacher (so the next comparison here reuses it) and where it came from.
+    kd = json.loads((other / "kd_s0" / "summary.json").read_text())
+    assert kd["config"]["teacher"]["checkpoint"] == str(other / "teacher_s0")
+    assert kd["copied_from"] == str(tmp_path / "kd_s0")
+    again = compare.compare(tiny(num_epochs=1), ["kd"], [0], str(other))
+    assert again["kd"][0]["wall_s"] == results["kd"][0]["wall_s"]
+    fresh = compare.compare(tiny(num_epochs=1, seed=1), ["vanilla"], [1], str(tmp_path / "third"), reuse=[str(tmp_path)])
+    assert fresh["vanilla"][0]["config"]["seed"] == 1 and (tmp_path / "third" / "vanilla_s1" / "checkpoints").is_dir()
