@@ -54,6 +54,11 @@ VARIANTS = {
     "ekd_sp": {"loss.feature_kind": "relation", "loss.feature_norm": False, "loss.feature_reduction": "mean",
                "loss.beta": 3000.0},
     "ekd_auxhead_tau4": {"guided.type": "aux_head", "loss.tau": 4.0},
+    # aux_head variants (the default guided module since the 60-epoch ablation): which stages,
+    # how much of the early ones, which samples.
+    "ekd_aux_last": {"guided.type": "aux_head", "guided.stages": (2,)},
+    "ekd_aux_w": {"guided.type": "aux_head", "loss.stage_weights": (0.25, 0.5, 1.0)},
+    "ekd_aux_ahead": {"guided.type": "aux_head", "loss.transfer_mask": "teacher_ahead"},
     # logit term: temperature, direction
     "ekd_tau4": {"loss.tau": 4.0},
     "ekd_gamma0": {"loss.gamma": 0.0},  # one-way: the teacher learns from labels only
