@@ -116,6 +116,7 @@ def main(argv):
                 "student_top1": s["student_top1"], "best_student_top1": s["best_student_top1"],
                 "teacher_top1": s["teacher_top1"], "wall_s": s["wall_s"],
                 "student_train_top1": s.get("student_train_top1"), "teacher_train_top1": s.get("teacher_train_top1"),
+                "student_top1_last_tenth": s.get("student_top1_last_tenth"),
             }
             write_table(runs, root)
 
@@ -125,12 +126,21 @@ def _fmt(xs):
     return compare.fmt_pct(m, sd if len([x for x in xs if x is not None]) > 1 else None)
 
 
+def _spread(root: pathlib.Path, name: str, seed: int, record: dict):
+    """Largest-minus-smallest student test top-1 over the run's last tenth (None: not recorded)."""
+    tenth = record.get("student_top1_last_tenth")
+    summary = root / (name if seed == 0 else f"{name}_s{seed}") / "summary.json"
+    if tenth is None and summary.exists():  # a record written before the field was kept
+        tenth = json.loads(summary.read_text()).get("student_top1_last_tenth")
+    return None if tenth is None else tenth[1] - tenth[0]
+
+
 def write_table(runs: dict[str, dict[int, dict]], root: pathlib.Path) -> None:
     (root / "ablation.json").write_text(json.dumps(
         {"full": FULL, "variants": {n: VARIANTS.get(n) for n in runs}, "runs": runs}, indent=1))
     lines = ["| variant | seeds | student top-1 | per seed | student train top-1 | teacher top-1 | "
-             "student - vanilla (paired) | student - dml (paired) | overrides of FULL |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "student - vanilla (paired) | student - dml (paired) | last tenth | overrides of FULL |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     top1 = {n: {k: r["student_top1"] for k, r in by_seed.items()} for n, by_seed in runs.items()}
 
     def paired(n, base):
@@ -144,13 +154,15 @@ def write_table(runs: dict[str, dict[int, dict]], root: pathlib.Path) -> None:
         if rs[0]["student_top1"] is None:  # the teacher alone: its own accuracy is the row
             per = ", ".join(f"{100 * r['teacher_top1']:.2f}" for r in rs)
             lines.append(f"| {n} | {','.join(map(str, sorted(by_seed)))} | – | {per} | – | "
-                         f"{_fmt([r['teacher_top1'] for r in rs])} | – | – | `{json.dumps(VARIANTS.get(n))}` |")
+                         f"{_fmt([r['teacher_top1'] for r in rs])} | – | – | – | `{json.dumps(VARIANTS.get(n))}` |")
             continue
         per = ", ".join(f"{100 * r['student_top1']:.2f}" for r in rs)
+        spreads = [x for x in (_spread(root, n, k, by_seed[k]) for k in sorted(by_seed)) if x is not None]
+        spread = f"{100 * max(spreads):.2f}" if spreads else "–"
         lines.append(f"| {n} | {','.join(map(str, sorted(by_seed)))} | {_fmt([r['student_top1'] for r in rs])} | "
                      f"{per} | {_fmt([r.get('student_train_top1') for r in rs])} | "
                      f"{_fmt([r['teacher_top1'] for r in rs])} | {paired(n, 'vanilla')} | {paired(n, 'dml')} | "
-                     f"`{json.dumps(VARIANTS.get(n))}` |")
+                     f"{spread} | `{json.dumps(VARIANTS.get(n))}` |")
     (root / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
