@@ -59,6 +59,8 @@ VARIANTS = {
     "ekd_aux_last": {"guided.type": "aux_head", "guided.stages": (2,)},
     "ekd_aux_w": {"guided.type": "aux_head", "loss.stage_weights": (0.25, 0.5, 1.0)},
     "ekd_aux_ahead": {"guided.type": "aux_head", "loss.transfer_mask": "teacher_ahead"},
+    "ekd_aux_beta2": {"guided.type": "aux_head", "loss.beta": 2.0},
+    "ekd_aux_beta05": {"guided.type": "aux_head", "loss.beta": 0.5},
     # logit term: temperature, direction
     "ekd_tau4": {"loss.tau": 4.0},
     "ekd_gamma0": {"loss.gamma": 0.0},  # one-way: the teacher learns from labels only
