@@ -64,8 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.guided = ml_collections.ConfigDict()
     # aux_head (intermediate predictions mimicked through auxiliary heads on both sides) rather than
-    # adapter (stage maps mimicked): it cost less in the converged few-sample ablation, 3 seeds
-    # (docs/results.md section 2: -1.02 vs -2.17 below DML; +1.15 +- 0.36 over adapter, paired).
+    # adapter (stage maps mimicked): it cost less in the 900-step few-sample ablation, 3 seeds
+    # (docs/results.md section 3: -1.02 vs -2.17 below DML; +1.15 +- 0.36 over adapter, paired);
+    # at the converged 2,790-step budget it ends +0.47 +- 0.52 above DML (section 2).
     c.guided.type = "aux_head"  # aux_head | adapter
     c.guided.stages = ()  # stage-pair indices used by ekd / at; empty = all pairs
     # aux_head: whether the teacher-side heads' label CE also trains the teacher backbone (extra

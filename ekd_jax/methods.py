@@ -29,8 +29,8 @@ class LossConfig:
     label_smoothing: float = 0.0
     ce_weight: float = 1.0  # student CE weight (kd/fitnet/at/ekd)
     alpha: float = 1.0  # logit KL weight (kd, ekd)
-    # tau 1 and gamma 1 (DML's two logit terms) and no mask: from the converged few-sample ablation
-    # (docs/results.md section 2), where tau 4, gamma 0 and the teacher-correct mask lost to vanilla.
+    # tau 1 and gamma 1 (DML's two logit terms) and no mask: from the 900-step few-sample ablation
+    # (docs/results.md section 3), where tau 4, gamma 0 and the teacher-correct mask lost to vanilla.
     tau: float = 1.0
     beta: float = 1.0  # guided-module term weight (ekd)
     stage_weights: tuple[float, ...] = ()  # per selected pair; empty = all 1
