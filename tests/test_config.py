@@ -55,3 +55,49 @@ def test_switches_added_with_a_new_default_keep_old_runs_apart():
     assert config_difference(stored, _json(current)) == ["guided.aux_teacher_backbone_grad", "loss.mask_mean"]
     current.loss.mask_mean, current.guided.aux_teacher_backbone_grad = "batch", True
     assert config_difference(stored, _json(current)) == []
+
+
+def _study(arg):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "study.py"
+    spec = importlib.util.spec_from_file_location("study_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg), module
+
+
+def test_study_scenarios_validate_and_few100_is_the_recorded_converged_budget():
+    import pytest
+
+    from ekd_jax.config import validate
+
+    _, module = _study("few100")
+    for arg in module.SCENARIOS:
+        c = _study(arg)[0]
+        if c.data.source.startswith("npz:"):  # the study's file is not here; everything else is checked
+            c.data.source = "digits"
+        validate(c)
+    c = _study("few100")[0]
+    assert (c.batch_size, c.num_epochs, c.data.samples_per_class) == (32, 90, 100)
+    assert (c.teacher.model, c.student.model, c.teacher.head_start) == ("resnet20", "resnet8", 0.0)
+    with pytest.raises(ValueError, match="unknown study scenario 'few10'"):
+        _study("few10")
+
+
+def test_study_few100_e60_is_the_budget_of_the_recorded_900_step_runs():
+    """docs/results.md section 3: few100_e60 trains as the carried runs of the earlier budget did."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "docs" / "study_runs" / "abl_few100"
+    c = _json(_study("few100_e60")[0])
+    for run in ("vanilla", "dml", "teacher", "ekd_dml_feat"):
+        stored = json.loads((root / run / "summary.json").read_text())["config"]
+        for key in ("batch_size", "num_epochs", "eval_every_epochs", "optimizer", "schedule", "teacher.model",
+                    "student.model", "data.samples_per_class", "data.student_downsample"):
+            node_s, node_c = stored, c
+            for k in key.split("."):
+                node_s, node_c = node_s[k], node_c[k]
+            assert node_s == node_c, (run, key)
+        assert stored["batch_size"] == 64 and stored["num_epochs"] == 60
