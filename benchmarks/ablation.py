@@ -61,6 +61,11 @@ VARIANTS = {
     "ekd_aux_ahead": {"guided.type": "aux_head", "loss.transfer_mask": "teacher_ahead"},
     "ekd_aux_beta2": {"guided.type": "aux_head", "loss.beta": 2.0},
     "ekd_aux_beta05": {"guided.type": "aux_head", "loss.beta": 0.5},
+    "ekd_aux_gamma0": {"guided.type": "aux_head", "loss.gamma": 0.0},
+    "ekd_aux_alpha0": {"guided.type": "aux_head", "loss.alpha": 0.0},
+    "ekd_aux_correct": {"guided.type": "aux_head", "loss.transfer_mask": "teacher_correct"},
+    "ekd_aux_sigramp": {"guided.type": "aux_head", "loss.ramp_length": 0.625, "loss.ramp_shape": "sigmoid",
+                        "loss.kd_ramp_start": 0.0, "loss.kd_ramp_length": 0.0},
     # logit term: temperature, direction
     "ekd_tau4": {"loss.tau": 4.0},
     "ekd_gamma0": {"loss.gamma": 0.0},  # one-way: the teacher learns from labels only

@@ -25,6 +25,8 @@ $PY -m ekd_jax.compare --config configs/study.py:digits --methods vanilla,teache
   --workdir runs/study_digits
 $PY benchmarks/study_runs.py save runs/study_digits
 abl 1 $SCREEN
+SCREEN2=ekd_aux_beta2,ekd_aux_beta05,ekd_aux_gamma0,ekd_aux_alpha0,ekd_aux_correct,ekd_aux_sigramp
+abl 0,1 $SCREEN2
 for scenario in few100 full lowres4; do
   $PY -m ekd_jax.compare --config configs/study.py:$scenario --config.data.source=$DATA \
     --methods vanilla,teacher,kd,dml,ekd --seeds 0,1,2 --workdir runs/study_$scenario --reuse runs/abl_few100_b32
