@@ -21,11 +21,12 @@ MAIN=teacher,vanilla,dml,ekd_auxhead
 SCREEN=ekd_aux_last,ekd_aux_w,ekd_auxhead_tau4,ekd_aux_ahead,ekd_dml_feat
 abl 0,1,2 $MAIN
 abl 0 $SCREEN
+abl 0,1 ekd_aux_beta2  # seed 0: less transfer (last stage only, lighter early stages) cost 2 points
 $PY -m ekd_jax.compare --config configs/study.py:digits --methods vanilla,teacher,dml,ekd --seeds 0,1,2 \
   --workdir runs/study_digits
 $PY benchmarks/study_runs.py save runs/study_digits
 abl 1 $SCREEN
-SCREEN2=ekd_aux_beta2,ekd_aux_beta05,ekd_aux_gamma0,ekd_aux_alpha0,ekd_aux_correct,ekd_aux_sigramp
+SCREEN2=ekd_aux_beta05,ekd_aux_gamma0,ekd_aux_alpha0,ekd_aux_correct,ekd_aux_sigramp
 abl 0,1 $SCREEN2
 for scenario in few100 full lowres4; do
   $PY -m ekd_jax.compare --config configs/study.py:$scenario --config.data.source=$DATA \
