@@ -58,17 +58,18 @@ def find_finished(config, folders) -> tuple[pathlib.Path, dict] | None:
     An offline method's run names its teacher by folder: a run from another workdir counts as the
     same when everything else agrees and its teacher's parameters hash equal to ``config``'s; its
     summary then names ``config``'s teacher folder (the same weights)."""
+    ours = config.teacher.checkpoint
+    sha = _teacher_sha(ours)
     for folder in map(pathlib.Path, folders):
         for path in sorted(folder.glob("*/summary.json")):
             summary = json.loads(path.read_text())
             theirs = summary["config"].get("teacher", {}).get("checkpoint", "")
-            if theirs and theirs != config.teacher.checkpoint:
-                sha = _teacher_sha(config.teacher.checkpoint)
+            if theirs and theirs != ours:
                 if sha is None or sha != _teacher_sha(theirs):
                     continue
                 summary = {**summary, "config": {**summary["config"],
                                                  "teacher": {**summary["config"]["teacher"],
-                                                             "checkpoint": config.teacher.checkpoint}}}
+                                                             "checkpoint": ours}}}
             if _same_config(summary, config):
                 return path.parent, summary
     return None
