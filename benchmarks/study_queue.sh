@@ -28,9 +28,10 @@ $PY benchmarks/study_runs.py save runs/study_digits
 abl 1 $SCREEN
 SCREEN2=ekd_aux_beta05,ekd_aux_gamma0,ekd_aux_alpha0,ekd_aux_correct,ekd_aux_sigramp
 abl 0,1 $SCREEN2
+mkdir -p runs/study_full  # lowres4 reuses full's teachers alone (the student's view is all that differs)
 for scenario in few100 full lowres4; do
   $PY -m ekd_jax.compare --config configs/study.py:$scenario --config.data.source=$DATA \
-    --methods vanilla,teacher,kd,dml,ekd --seeds 0,1,2 --workdir runs/study_$scenario --reuse runs/abl_few100_b32
+    --methods vanilla,teacher,kd,dml,ekd --seeds 0,1,2 --workdir runs/study_$scenario --reuse runs/abl_few100_b32,runs/study_full
   $PY -m ekd_jax.compare --config configs/study.py:$scenario --config.data.source=$DATA \
     --config.teacher.head_start=1.0 --methods ekd --seeds 0,1,2 --workdir runs/study_${scenario}_head
   $PY benchmarks/study_runs.py save runs/study_$scenario runs/study_${scenario}_head

@@ -7,7 +7,9 @@ Each (method, seed) trains in ``<workdir>/<method>_s<seed>`` (resumed if interru
 finished); offline methods (kd, fitnet, at) first get a ``teacher`` run of the same seed.
 ``--reuse DIR1,DIR2`` takes a finished run of exactly the same config from other workdirs (another
 comparison, an ablation) instead of training it again: its records, exported weights and TensorBoard
-files are copied into this workdir (not its checkpoints).
+files are copied into this workdir (not its checkpoints). A run records the switches its method
+ignores at the value it runs with (no head start without an online teacher; the teacher alone at the
+full-resolution view), so a low-resolution comparison reuses the full-data teacher.
 Writes ``results.md``, ``results.json`` and ``results.png`` in ``<workdir>`` after every run, so
 partial results survive an interruption.
 """
@@ -23,7 +25,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import ekd_jax  # noqa: F401  (XLA CPU defaults before jax starts)
-from ekd_jax import cli
+from ekd_jax import cli, data
 from ekd_jax.methods import METHODS
 
 FLAGS = flags.FLAGS
@@ -93,11 +95,17 @@ def run_one(config, workdir: pathlib.Path, reuse=()) -> dict:
     return train.train_and_evaluate(config, str(workdir))
 
 
-def _drop_unused_head_start(c) -> None:
-    """Methods without an online teacher ignore teacher.head_start: record it as 0, what they run
-    with, so that their runs are reused whatever the head start of the online methods."""
+def _drop_unused_switches(c) -> None:
+    """Record switches a method ignores at the value it runs with, so that its runs are reused
+    across comparisons that differ only there: methods without an online teacher ignore
+    teacher.head_start (recorded 0); a method without a student (the teacher alone) ignores the
+    student's view (recorded full resolution), so the low-resolution scenario's teacher is the
+    full-data one (tests/test_train.py checks that the two train bit for bit alike)."""
     if not METHODS[c.method].online_teacher:
         c.teacher.head_start = 0.0
+    if not METHODS[c.method].runs_student:
+        defaults = data.default_config()
+        c.data.student_downsample, c.data.lowres_mode = defaults.student_downsample, defaults.lowres_mode
 
 
 def compare(config, methods: list[str], seeds: list[int], workdir: str, reuse=()) -> dict:
@@ -115,11 +123,11 @@ def compare(config, methods: list[str], seeds: list[int], workdir: str, reuse=()
         for method in methods:
             c = config.copy_and_resolve_references()
             c.seed, c.method = seed, method
-            _drop_unused_head_start(c)
+            _drop_unused_switches(c)
             if METHODS[method].needs_teacher_checkpoint:
                 t = config.copy_and_resolve_references()
                 t.seed, t.method = seed, "teacher"
-                _drop_unused_head_start(t)
+                _drop_unused_switches(t)
                 run_one(t, root / f"teacher_s{seed}", reuse)
                 c.teacher.checkpoint = str(root / f"teacher_s{seed}")
             print(f"=== {method}, seed {seed} ===", flush=True)

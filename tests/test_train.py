@@ -299,3 +299,20 @@ def test_compare_runner_writes_table_and_runs_teacher_first(tmp_path):
     assert again["kd"][0]["wall_s"] == results["kd"][0]["wall_s"]
     fresh = compare.compare(tiny(num_epochs=1, seed=1), ["vanilla"], [1], str(tmp_path / "third"), reuse=[str(tmp_path)])
     assert fresh["vanilla"][0]["config"]["seed"] == 1 and (tmp_path / "third" / "vanilla_s1" / "checkpoints").is_dir()
+    # The teacher alone ignores the student's view: a low-resolution comparison reuses the
+    # full-resolution teacher (recorded at x1) and trains only what does see the low-res view.
+    low = compare.compare(tiny(num_epochs=1, **{"data.student_downsample": 2}), ["kd"], [0], str(tmp_path / "low"),
+                          reuse=[str(tmp_path)])
+    t_low = json.loads((tmp_path / "low" / "teacher_s0" / "summary.json").read_text())
+    assert t_low["copied_from"] == str(tmp_path / "teacher_s0") and t_low["config"]["data"]["student_downsample"] == 1
+    assert low["kd"][0]["config"]["data"]["student_downsample"] == 2 and "copied_from" not in low["kd"][0]
+
+
+def test_teacher_alone_trains_the_same_whatever_the_student_view(tmp_path):
+    """What lets compare record a teacher-alone run at the full-resolution view: the student's
+    low-resolution view changes nothing the teacher sees."""
+    runs = [train.train_and_evaluate(tiny(method="teacher", num_epochs=1, **{"data.student_downsample": f}),
+                                     str(tmp_path / f"x{f}"))
+            for f in (1, 2)]
+    assert runs[0]["teacher_params_sha256"] == runs[1]["teacher_params_sha256"]
+    assert runs[0]["teacher_top1"] == runs[1]["teacher_top1"]
