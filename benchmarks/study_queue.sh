@@ -28,6 +28,7 @@ $PY benchmarks/study_runs.py save runs/study_digits
 abl 1 $SCREEN
 SCREEN2=ekd_aux_beta05,ekd_aux_gamma0,ekd_aux_alpha0,ekd_aux_correct,ekd_aux_sigramp
 abl 0,1 $SCREEN2
+abl 0,1 ekd_rawmean  # the adapter's distance as METHOD.md words it: raw maps, mean over elements
 mkdir -p runs/study_full  # lowres4 reuses full's teachers alone (the student's view is all that differs)
 for scenario in few100 full lowres4; do
   $PY -m ekd_jax.compare --config configs/study.py:$scenario --config.data.source=$DATA \
