@@ -7,8 +7,11 @@ An ablation folder (benchmarks/ablation.py) gives its table (mean ± std over th
 a comparison folder (python -m ekd_jax.compare) its results.md; any other folder one row per
 finished run (``*/summary.json``). With ``--paired``, the finished runs of all the folders are
 pooled by run name (``<name>`` or ``<name>_s<seed>``; the same name and seed in two folders is the
-same config, the later folder's run is used) into one table with each run's per-seed student
-top-1 and its paired per-seed difference to ``vanilla``, ``dml`` and ``dml_head`` (mean ± s.e.).
+same config, the later folder's run is used; an online method's run with a teacher head start is
+named ``<name>_head``) into one table with each run's per-seed student top-1, its train top-1 and
+last-tenth spread, and its paired per-seed difference to ``vanilla``, ``dml``, ``kd`` and ``ekd``
+(mean ± s.e.; the bases the folders have). The teacher alone's row holds its own top-1, so its
+difference to ``vanilla`` is the capability gap.
 """
 
 import json
@@ -19,7 +22,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from ekd_jax.compare import _mean_std, fmt_pct, paired_difference  # noqa: E402
 
-BASES = ("vanilla", "dml", "dml_head")
+BASES = ("vanilla", "dml", "kd", "ekd", "dml_head")
 
 
 def pct(x):
@@ -47,14 +50,19 @@ def paired(folders, rows=None):
     for folder in map(pathlib.Path, folders):
         for summ in sorted(folder.glob("*/summary.json")):
             s = json.loads(summ.read_text())
-            if s["student_top1"] is None:  # a 'teacher' run (offline methods' teacher)
-                continue
-            runs.setdefault(re.sub(r"_s\d+$", "", summ.parent.name), {})[s["config"]["seed"]] = s
-    top1 = {n: {k: r["student_top1"] for k, r in by_seed.items()} for n, by_seed in runs.items()}
+            name = re.sub(r"_s\d+$", "", summ.parent.name)
+            if s["student_top1"] is None:  # the teacher alone: its row holds the teacher's top-1
+                name = "teacher alone (its top-1)"
+            if s["config"]["teacher"].get("head_start") and s.get("teacher_head_start_epochs") and not name.endswith("_head"):
+                name += "_head"  # e.g. runs/study_full_head/ekd_s0 next to runs/study_full/ekd_s0
+            runs.setdefault(name, {})[s["config"]["seed"]] = s
+    top1 = {n: {k: r["student_top1"] if r["student_top1"] is not None else r["teacher_top1"] for k, r in by_seed.items()}
+            for n, by_seed in runs.items()}
     bases = [b for b in BASES if b in top1]
     print("| run | seeds | per seed | student top-1 | teacher top-1 | "
-          + " | ".join(f"student - {b} (paired)" for b in bases) + " | teacher epochs |")
-    print("|---|---|---|---|---|" + "---|" * len(bases) + "---|")
+          + " | ".join(f"student - {b} (paired)" for b in bases)
+          + " | student train top-1 | last tenth | teacher epochs |")
+    print("|---|---|---|---|---|" + "---|" * len(bases) + "---|---|---|")
     for name in sorted(runs, key=lambda n: (0, BASES.index(n), "") if n in BASES else (1, 0, n)):
         if rows and name not in rows:
             continue
@@ -72,8 +80,12 @@ def paired(folders, rows=None):
         if ckpt:  # an offline method: its teacher trained in another run
             t_sum = pathlib.Path(ckpt) / "summary.json"
             t_ep = json.loads(t_sum.read_text())["epochs"] if t_sum.exists() else "?"
-        print(f"| {name} | {','.join(map(str, by_seed))} | {', '.join(pct(v) for v in top1[name].values())} | "
-              f"{fmt_pct(m, None if one else sd)} | {fmt_pct(tm, None if one else tsd)} | " + " | ".join(diffs) + f" | {t_ep} |")
+        train_m, _ = _mean_std([r.get("student_train_top1") for r in by_seed.values()])
+        spread = [r["student_top1_last_tenth"][1] - r["student_top1_last_tenth"][0]
+                  for r in by_seed.values() if r.get("student_top1_last_tenth")]
+        print(f"| {name} | {','.join(map(str, by_seed))} | {', '.join(pct(top1[name][k]) for k in by_seed)} | "
+              f"{fmt_pct(m, None if one else sd)} | {fmt_pct(tm, None if one else tsd)} | " + " | ".join(diffs)
+              + f" | {fmt_pct(train_m, None)} | {pct(max(spread)) if spread else '–'} | {t_ep} |")
 
 
 if __name__ == "__main__":
