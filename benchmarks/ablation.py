@@ -142,12 +142,16 @@ def _spread(root: pathlib.Path, name: str, seed: int, record: dict):
     return None if tenth is None else tenth[1] - tenth[0]
 
 
+DEFAULTS = "ekd_auxhead"  # the variant that is today's --config.method=ekd
+
+
 def write_table(runs: dict[str, dict[int, dict]], root: pathlib.Path) -> None:
     (root / "ablation.json").write_text(json.dumps(
         {"full": FULL, "variants": {n: VARIANTS.get(n) for n in runs}, "runs": runs}, indent=1))
     lines = ["| variant | seeds | student top-1 | per seed | student train top-1 | teacher top-1 | "
-             "student - vanilla (paired) | student - dml (paired) | last tenth | overrides of FULL |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "student - vanilla (paired) | student - dml (paired) | student - defaults (paired) | last tenth | "
+             "overrides of FULL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     top1 = {n: {k: r["student_top1"] for k, r in by_seed.items()} for n, by_seed in runs.items()}
 
     def paired(n, base):
@@ -161,7 +165,7 @@ def write_table(runs: dict[str, dict[int, dict]], root: pathlib.Path) -> None:
         if rs[0]["student_top1"] is None:  # the teacher alone: its own accuracy is the row
             per = ", ".join(f"{100 * r['teacher_top1']:.2f}" for r in rs)
             lines.append(f"| {n} | {','.join(map(str, sorted(by_seed)))} | – | {per} | – | "
-                         f"{_fmt([r['teacher_top1'] for r in rs])} | – | – | – | `{json.dumps(VARIANTS.get(n))}` |")
+                         f"{_fmt([r['teacher_top1'] for r in rs])} | – | – | – | – | `{json.dumps(VARIANTS.get(n))}` |")
             continue
         per = ", ".join(f"{100 * r['student_top1']:.2f}" for r in rs)
         spreads = [x for x in (_spread(root, n, k, by_seed[k]) for k in sorted(by_seed)) if x is not None]
@@ -169,6 +173,7 @@ def write_table(runs: dict[str, dict[int, dict]], root: pathlib.Path) -> None:
         lines.append(f"| {n} | {','.join(map(str, sorted(by_seed)))} | {_fmt([r['student_top1'] for r in rs])} | "
                      f"{per} | {_fmt([r.get('student_train_top1') for r in rs])} | "
                      f"{_fmt([r['teacher_top1'] for r in rs])} | {paired(n, 'vanilla')} | {paired(n, 'dml')} | "
+                     f"{paired(n, DEFAULTS)} | "
                      f"{spread} | `{json.dumps(VARIANTS.get(n))}` |")
     (root / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
