@@ -306,13 +306,8 @@ def test_compare_runner_writes_table_and_runs_teacher_first(tmp_path):
     t_low = json.loads((tmp_path / "low" / "teacher_s0" / "summary.json").read_text())
     assert t_low["copied_from"] == str(tmp_path / "teacher_s0") and t_low["config"]["data"]["student_downsample"] == 1
     assert low["kd"][0]["config"]["data"]["student_downsample"] == 2 and "copied_from" not in low["kd"][0]
-
-
-def test_teacher_alone_trains_the_same_whatever_the_student_view(tmp_path):
-    """What lets compare record a teacher-alone run at the full-resolution view: the student's
-    low-resolution view changes nothing the teacher sees."""
-    runs = [train.train_and_evaluate(tiny(method="teacher", num_epochs=1, **{"data.student_downsample": f}),
-                                     str(tmp_path / f"x{f}"))
-            for f in (1, 2)]
-    assert runs[0]["teacher_params_sha256"] == runs[1]["teacher_params_sha256"]
-    assert runs[0]["teacher_top1"] == runs[1]["teacher_top1"]
+    # What makes that valid: the student's low-resolution view changes nothing the teacher alone
+    # sees, so a teacher trained at x2 ends bit for bit equal to the x1 one.
+    x2 = train.train_and_evaluate(tiny(method="teacher", num_epochs=1, **{"data.student_downsample": 2}),
+                                  str(tmp_path / "teacher_x2"))
+    assert x2["teacher_params_sha256"] == t_low["teacher_params_sha256"] == results["kd"][0]["teacher_params_sha256"]
