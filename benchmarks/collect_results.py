@@ -53,7 +53,7 @@ def paired(folders, rows=None):
             name = re.sub(r"_s\d+$", "", summ.parent.name)
             if s["student_top1"] is None:  # the teacher alone: its row holds the teacher's top-1
                 name = "teacher alone (its top-1)"
-            if s["config"]["teacher"].get("head_start") and s.get("teacher_head_start_epochs") and not name.endswith("_head"):
+            if s.get("teacher_head_start_epochs") and not name.endswith("_head"):
                 name += "_head"  # e.g. runs/study_full_head/ekd_s0 next to runs/study_full/ekd_s0
             runs.setdefault(name, {})[s["config"]["seed"]] = s
     top1 = {n: {k: r["student_top1"] if r["student_top1"] is not None else r["teacher_top1"] for k, r in by_seed.items()}
