@@ -53,9 +53,9 @@ def _teacher_sha(workdir: str) -> str | None:
     return done.get("teacher_params_sha256") if done else None
 
 
-def find_finished(config, folders) -> tuple[pathlib.Path, dict] | None:
-    """The first finished run (``<folder>/<run>/summary.json``) whose config is ``config``, and its
-    summary as this workdir records it.
+def find_finished(config, folders, weights: str | None = None) -> tuple[pathlib.Path, dict] | None:
+    """The first finished run (``<folder>/<run>/summary.json``) whose config is ``config`` (and that
+    holds the network folder ``weights``, if given), and its summary as this workdir records it.
 
     An offline method's run names its teacher by folder: a run from another workdir counts as the
     same when everything else agrees and its teacher's parameters hash equal to ``config``'s; its
@@ -72,19 +72,37 @@ def find_finished(config, folders) -> tuple[pathlib.Path, dict] | None:
                 summary = {**summary, "config": {**summary["config"],
                                                  "teacher": {**summary["config"]["teacher"],
                                                              "checkpoint": ours}}}
-            if _same_config(summary, config):
+            if _same_config(summary, config) and not _weights_missing(path.parent, weights):
                 return path.parent, summary
     return None
 
 
-def run_one(config, workdir: pathlib.Path, reuse=()) -> dict:
+def _weights_missing(workdir: pathlib.Path, weights: str | None) -> bool:
+    return weights is not None and not (workdir / weights / "network.json").exists()
+
+
+def run_one(config, workdir: pathlib.Path, reuse=(), weights: str | None = None) -> dict:
+    """The finished run of ``config`` in ``workdir``: itself, a copy of one in ``reuse``, or trained.
+
+    ``weights``: a network folder the caller needs besides the records (``"teacher"`` for an offline
+    method's teacher). A finished run whose records are there but not those weights (records carried
+    without weights, e.g. by benchmarks/study_runs.py into a new checkout) is trained again; CPU
+    training is deterministic, so it is the same run, and a change in its parameters' hash is said."""
     from ekd_jax import train
 
     done = _summary(workdir)
     if done is not None and _same_config(done, config):
-        return done  # finished with this config
+        if not _weights_missing(workdir, weights):
+            return done  # finished with this config
+        print(f"{workdir} holds the finished run's records but not its {weights}/ weights: training it again", flush=True)
+        (workdir / "summary.json").unlink()
+        summary = train.train_and_evaluate(config, str(workdir))
+        old, new = done.get("teacher_params_sha256"), summary.get("teacher_params_sha256")
+        if old and new and old != new:
+            print(f"warning: {workdir} trained again to other teacher parameters (sha256 {new[:12]}, was {old[:12]})", flush=True)
+        return summary
     if not workdir.exists() and reuse:
-        found = find_finished(config, reuse)
+        found = find_finished(config, reuse, weights)
         if found is not None:
             src, summary = found
             print(f"reusing the finished run {src} (same config)", flush=True)
@@ -128,7 +146,7 @@ def compare(config, methods: list[str], seeds: list[int], workdir: str, reuse=()
                 t = config.copy_and_resolve_references()
                 t.seed, t.method = seed, "teacher"
                 _drop_unused_switches(t)
-                run_one(t, root / f"teacher_s{seed}", reuse)
+                run_one(t, root / f"teacher_s{seed}", reuse, weights="teacher")
                 c.teacher.checkpoint = str(root / f"teacher_s{seed}")
             print(f"=== {method}, seed {seed} ===", flush=True)
             results[method].append(run_one(c, root / f"{method}_s{seed}", reuse))

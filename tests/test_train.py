@@ -311,3 +311,20 @@ def test_compare_runner_writes_table_and_runs_teacher_first(tmp_path):
     x2 = train.train_and_evaluate(tiny(method="teacher", num_epochs=1, **{"data.student_downsample": 2}),
                                   str(tmp_path / "teacher_x2"))
     assert x2["teacher_params_sha256"] == t_low["teacher_params_sha256"] == results["kd"][0]["teacher_params_sha256"]
+    # Records carried without weights (benchmarks/study_runs.py into a new checkout): kd's finished
+    # record is kept, but its teacher, whose weights kd needs, is trained again, to the same weights.
+    carried = tmp_path / "carried"
+    for run in ("teacher_s0", "kd_s0"):
+        (carried / run).mkdir(parents=True)
+        for name in ("summary.json", "metrics.jsonl"):
+            shutil.copy2(tmp_path / run / name, carried / run / name)
+    for run in ("teacher_s0", "kd_s0"):  # the records name the folder they were trained in
+        summary = json.loads((carried / run / "summary.json").read_text())
+        if run == "kd_s0":
+            summary["config"]["teacher"]["checkpoint"] = str(carried / "teacher_s0")
+        (carried / run / "summary.json").write_text(json.dumps(summary))
+    back = compare.compare(tiny(num_epochs=1), ["kd"], [0], str(carried))
+    retrained = json.loads((carried / "teacher_s0" / "summary.json").read_text())
+    assert (carried / "teacher_s0" / "teacher" / "network.json").exists()
+    assert retrained["wall_s"] != teacher["wall_s"] and retrained["teacher_params_sha256"] == teacher["teacher_params_sha256"]
+    assert back["kd"][0]["wall_s"] == results["kd"][0]["wall_s"]  # kd itself reused from its record
