@@ -44,3 +44,8 @@ for scenario in few100 full lowres4; do
     --config.teacher.head_start=1.0 --methods ekd --seeds 0,1,2 --workdir runs/study_${scenario}_head
   $PY benchmarks/study_runs.py save runs/study_$scenario runs/study_${scenario}_head
 done
+# The head start's control at the same compute (section 5): DML whose teacher also first trains
+# alone for the student's budget.
+$PY -m ekd_jax.compare --config configs/study.py:few100 --config.data.source=$DATA \
+  --config.teacher.head_start=1.0 --methods dml,ekd --seeds 0,1,2 --workdir runs/study_few100_head
+$PY benchmarks/study_runs.py save runs/study_few100_head
