@@ -75,6 +75,9 @@ def _structure_difference(stored: Any, abstract: Any) -> list[str]:
     return out
 
 
+COMMIT_TIMEOUT_S = 6 * 3600
+
+
 class Checkpointer:
     """Saves/restores ``{'state': pytree, 'meta': json}`` under ``<workdir>/checkpoints``."""
 
@@ -92,6 +95,10 @@ class Checkpointer:
             create=False,
             # Every process calls save/restore; process 0 writes the metadata and commits.
             multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0),
+            # Orbax gives an async commit 20 min of wall clock, suspended time included: a run
+            # paused (SIGSTOP, a suspended VM) for longer died at its next save with a TimeoutError
+            # (seen: a study run paused 20 min for CI). Hours, so that only a real hang trips it.
+            async_options=ocp.AsyncOptions(timeout_secs=COMMIT_TIMEOUT_S),
         )
         self.manager = ocp.CheckpointManager(
             self.directory,
