@@ -36,6 +36,11 @@ abl 1 $SCREEN
 SCREEN2=ekd_aux_beta05,ekd_aux_gamma0,ekd_aux_alpha0,ekd_aux_correct,ekd_aux_sigramp
 abl 0,1 $SCREEN2
 abl 0,1 ekd_rawmean  # the adapter's distance as METHOD.md words it: raw maps, mean over elements
+# The head start's control at the same compute (section 5): DML whose teacher also first trains
+# alone for the student's budget.
+$PY -m ekd_jax.compare --config configs/study.py:few100 --config.data.source=$DATA \
+  --config.teacher.head_start=1.0 --methods dml,ekd --seeds 0,1,2 --workdir runs/study_few100_head
+$PY benchmarks/study_runs.py save runs/study_few100_head
 mkdir -p runs/study_full  # lowres4 reuses full's teachers alone (the student's view is all that differs)
 for scenario in few100 full lowres4; do
   $PY -m ekd_jax.compare --config configs/study.py:$scenario --config.data.source=$DATA \
@@ -44,8 +49,3 @@ for scenario in few100 full lowres4; do
     --config.teacher.head_start=1.0 --methods ekd --seeds 0,1,2 --workdir runs/study_${scenario}_head
   $PY benchmarks/study_runs.py save runs/study_$scenario runs/study_${scenario}_head
 done
-# The head start's control at the same compute (section 5): DML whose teacher also first trains
-# alone for the student's budget.
-$PY -m ekd_jax.compare --config configs/study.py:few100 --config.data.source=$DATA \
-  --config.teacher.head_start=1.0 --methods dml,ekd --seeds 0,1,2 --workdir runs/study_few100_head
-$PY benchmarks/study_runs.py save runs/study_few100_head

@@ -4,12 +4,27 @@ Most tests compile with XLA's optimisations off: compile time dominates these ti
 whose property could depend on the optimised program (the bitwise SIGKILL resume, one device
 equals eight) run with them on: their subprocesses set JAX_DISABLE_MOST_OPTIMIZATIONS=0, and
 in-process code that must match them takes the ``xla_optimizations`` fixture.
+
+One persistent compilation cache serves the whole session (the xdist workers and every subprocess
+they start inherit its directory through the environment): many tests compile the same tiny
+programs, and a resumed or repeated CLI run would otherwise compile everything again. A cached
+executable is the program a fresh compile builds (the cache key holds the HLO, the compile options,
+XLA's flags and the devices), so no property under test depends on whether it was a hit.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller (or a plain run) makes it, workers inherit
+    _cache = tempfile.mkdtemp(prefix="ekd_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -172,7 +172,11 @@ def test_export_runs_without_ekd_jax_and_matches_summary(tiny_export, digits_tes
         """
     )
     # ekd_jax (the repository) and the venv's flax/optax/orbax are on the subprocess's path.
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Without the suite's compilation cache (conftest): JAX's cache code may try optional imports
+    # (etils, tensorflow's gfile) that a user loading an artifact never makes.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run(
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )

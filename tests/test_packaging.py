@@ -2,6 +2,7 @@
 lower bounds are versions the suite runs with, and the console scripts are the command lines."""
 
 import ast
+import functools
 import importlib.metadata as md
 import os
 import pathlib
@@ -66,8 +67,15 @@ def _imports():
     return out
 
 
+@functools.cache
+def _packages_distributions() -> dict:
+    """importlib.metadata reads every installed distribution's file list (torch's, tensorflow's)
+    on each call: once is enough."""
+    return md.packages_distributions()
+
+
 def _distributions(module: str) -> set[str]:
-    return {canonicalize_name(d) for d in md.packages_distributions().get(module, [])}
+    return {canonicalize_name(d) for d in _packages_distributions().get(module, [])}
 
 
 def test_every_import_is_a_declared_dependency():
