@@ -43,16 +43,3 @@ def xla_optimizations():
     finally:
         jax.config.update("jax_disable_most_optimizations", True)
 
-
-def pytest_collection_modifyitems(items):
-    """Under xdist (-n, ``--dist=loadgroup`` in pyproject.toml), the tests of a module that share a
-    module-scoped fixture run in the same worker, so the fixture (a training run, tens of seconds)
-    is built once rather than once per worker that happens to get one of them."""
-    for item in items:
-        defs = getattr(item, "_fixtureinfo", None)
-        if defs is None:
-            continue
-        shared = sorted(name for name, fdefs in defs.name2fixturedefs.items()
-                        if fdefs and fdefs[-1].scope == "module" and fdefs[-1].baseid)
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
