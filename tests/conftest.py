@@ -42,4 +42,3 @@ def xla_optimizations():
         yield
     finally:
         jax.config.update("jax_disable_most_optimizations", True)
-

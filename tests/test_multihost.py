@@ -43,12 +43,9 @@ def _launch(workdir: pathlib.Path, processes: int, devices: int, *args: str, env
     extra environment of process i); returns [(Popen, stdout path, stderr path)]."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))}
     env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="0",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               # The module's runs share JAX's compilation cache: a later run's process 0 loads the
-               # programs (the same executables) instead of compiling them again (other processes'
-               # keys differ and are not written), halving the compile work on a 2-core machine.
-               JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    # The runs share the suite's compilation cache (conftest, inherited): a later run's process 0
+    # loads the programs instead of compiling them again (other processes' keys differ).
     cmd = [sys.executable, "-m", "ekd_jax.main", "--config", str(REPO / "configs/quickstart.py:tiny"),
            "--workdir", str(workdir), *ARGS, *args]
     port = _free_port()
