@@ -146,8 +146,13 @@ def compare(config, methods: list[str], seeds: list[int], workdir: str, reuse=()
                 t = config.copy_and_resolve_references()
                 t.seed, t.method = seed, "teacher"
                 _drop_unused_switches(t)
-                run_one(t, root / f"teacher_s{seed}", reuse, weights="teacher")
                 c.teacher.checkpoint = str(root / f"teacher_s{seed}")
+                # The offline method's run needs its teacher's weights only if it still has to
+                # train: a finished one (records carried into a new checkout) keeps its teacher's
+                # records as they are.
+                done = _summary(root / f"{method}_s{seed}")
+                needs = None if done is not None and _same_config(done, c) else "teacher"
+                run_one(t, root / f"teacher_s{seed}", reuse, weights=needs)
             print(f"=== {method}, seed {seed} ===", flush=True)
             results[method].append(run_one(c, root / f"{method}_s{seed}", reuse))
             write_results(results, config, root)

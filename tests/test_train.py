@@ -312,7 +312,7 @@ def test_compare_runner_writes_table_and_runs_teacher_first(tmp_path):
                                   str(tmp_path / "teacher_x2"))
     assert x2["teacher_params_sha256"] == t_low["teacher_params_sha256"] == results["kd"][0]["teacher_params_sha256"]
     # Records carried without weights (benchmarks/study_runs.py into a new checkout): kd's finished
-    # record is kept, but its teacher, whose weights kd needs, is trained again, to the same weights.
+    # record is kept and its teacher is not trained again (nothing needs its weights) ...
     carried = tmp_path / "carried"
     for run in ("teacher_s0", "kd_s0"):
         (carried / run).mkdir(parents=True)
@@ -324,7 +324,13 @@ def test_compare_runner_writes_table_and_runs_teacher_first(tmp_path):
             summary["config"]["teacher"]["checkpoint"] = str(carried / "teacher_s0")
         (carried / run / "summary.json").write_text(json.dumps(summary))
     back = compare.compare(tiny(num_epochs=1), ["kd"], [0], str(carried))
+    assert back["kd"][0]["wall_s"] == results["kd"][0]["wall_s"]  # kd itself reused from its record
+    kept = json.loads((carried / "teacher_s0" / "summary.json").read_text())
+    assert kept["wall_s"] == teacher["wall_s"] and not (carried / "teacher_s0" / "teacher").exists()
+    # ... but a kd that still has to train gets its teacher trained again, to the same weights.
+    shutil.rmtree(carried / "kd_s0")
+    again = compare.compare(tiny(num_epochs=1), ["kd"], [0], str(carried))
     retrained = json.loads((carried / "teacher_s0" / "summary.json").read_text())
     assert (carried / "teacher_s0" / "teacher" / "network.json").exists()
     assert retrained["wall_s"] != teacher["wall_s"] and retrained["teacher_params_sha256"] == teacher["teacher_params_sha256"]
-    assert back["kd"][0]["wall_s"] == results["kd"][0]["wall_s"]  # kd itself reused from its record
+    assert again["kd"][0]["student_params_sha256"] == results["kd"][0]["student_params_sha256"]
