@@ -13,6 +13,7 @@ XLA's flags and the devices), so no property under test depends on whether it wa
 """
 
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -42,3 +43,29 @@ def xla_optimizations():
         yield
     finally:
         jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture(scope="session")
+def built_once(tmp_path_factory, worker_id):
+    """``built_once(name, build)`` -> a folder that ``build(folder)`` filled once for the session.
+
+    xdist hands a module's tests to whichever worker is free, so a module-scoped fixture would be
+    built by each worker that runs one of its tests; this one is built by the first worker that
+    asks (under a lock), and the others wait for it and read it. What it holds is read-only to the
+    tests (they copy it to change it)."""
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # the folder every worker's basetemp is in
+
+    def get(name: str, build) -> "os.PathLike":
+        folder, done = root / name, root / f"{name}.done"
+        with open(root / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir()
+                build(folder)
+                done.touch()
+        return folder
+
+    return get

@@ -1,6 +1,6 @@
 """ekd_jax.export and ekd_jax.evaluate on real (tiny) training runs.
 
-Two runs are trained once per module: the quickstart ``:tiny`` EKD run, and a student-only run whose
+Two runs are trained once for the session (conftest's ``built_once``): the quickstart ``:tiny`` EKD run, and a student-only run whose
 student sees a x2 low-resolution view (``native``: the network is fed 4x4, the export takes 8x8), so
 the degradation baked into the export is checked too.
 """
@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -30,7 +31,8 @@ def _quickstart(arg):
     return module.get_config(arg)
 
 
-def _train(tmp_path_factory, name, **overrides):
+def _train(built_once, name, **overrides):
+    """A finished run of the tiny config (trained once for the session; read-only to the tests)."""
     config = _quickstart("tiny")
     for key, value in overrides.items():
         node = config
@@ -38,37 +40,36 @@ def _train(tmp_path_factory, name, **overrides):
         for p in path:
             node = node[p]
         node[last] = value
-    workdir = tmp_path_factory.mktemp(name)
-    summary = train.train_and_evaluate(config, str(workdir))
-    return {"workdir": workdir, "config": config, "summary": summary}
+    workdir = built_once(f"export_run_{name}", lambda wd: train.train_and_evaluate(config, str(wd)))
+    return {"workdir": workdir, "config": config, "summary": json.loads((workdir / "summary.json").read_text())}
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    return _train(tmp_path_factory, "tiny")
+def tiny_run(built_once):
+    return _train(built_once, "tiny")
 
 
 @pytest.fixture(scope="module")
-def lowres_run(tmp_path_factory):
+def lowres_run(built_once):
     return _train(
-        tmp_path_factory, "lowres", method="vanilla", num_epochs=1,
+        built_once, "lowres", method="vanilla", num_epochs=1,
         **{"data.student_downsample": 2, "data.lowres_mode": "native"},
     )
 
 
-def _export(run, tmp_path_factory, name):
-    out = tmp_path_factory.mktemp(f"export_{name}")
-    return run, export.export_student(run["workdir"], out), out
+def _export(run, built_once, name):
+    out = built_once(f"export_{name}", lambda out: export.export_student(run["workdir"], out))
+    return run, json.loads((out / export.META_FILE).read_text()), out
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tiny_run, tmp_path_factory):
-    return _export(tiny_run, tmp_path_factory, "tiny")
+def tiny_export(tiny_run, built_once):
+    return _export(tiny_run, built_once, "tiny")
 
 
 @pytest.fixture(scope="module")
-def lowres_export(lowres_run, tmp_path_factory):
-    return _export(lowres_run, tmp_path_factory, "lowres")
+def lowres_export(lowres_run, built_once):
+    return _export(lowres_run, built_once, "lowres")
 
 
 @pytest.fixture(scope="module", params=["tiny", "lowres"])
@@ -190,9 +191,9 @@ def test_export_runs_without_ekd_jax_and_matches_summary(tiny_export, digits_tes
 
 
 @pytest.mark.parametrize("which_run", ["tiny_run", "lowres_run"])
-def test_evaluate_matches_summary(request, which_run):
+def test_evaluate_matches_summary(request, which_run, tmp_path):
     run = request.getfixturevalue(which_run)
-    workdir, summary = run["workdir"], run["summary"]
+    workdir, summary = shutil.copytree(run["workdir"], tmp_path / "run"), run["summary"]  # evaluate writes into it
     result = evaluate.evaluate_run(workdir)
     n = summary["test_size"]
     assert result["test_size"] == n
@@ -213,8 +214,9 @@ def _cli(module, *args, env=None):
     )
 
 
-def test_evaluate_cli(tiny_run):
-    proc = _cli("ekd_jax.evaluate", f"--workdir={tiny_run['workdir']}", "--noplot", "--config.data.source=digits")
+def test_evaluate_cli(tiny_run, tmp_path):
+    workdir = shutil.copytree(tiny_run["workdir"], tmp_path / "run")  # evaluate writes into it
+    proc = _cli("ekd_jax.evaluate", f"--workdir={workdir}", "--noplot", "--config.data.source=digits")
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["student"]["top1"] == pytest.approx(tiny_run["summary"]["student_top1"])

@@ -96,22 +96,25 @@ def _variables(wd: pathlib.Path, which: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The tiny run as 2 processes x 2 devices and as 1 process x 4 devices."""
-    root = tmp_path_factory.mktemp("multihost")
-    multi, single = root / "two_processes", root / "one_process"
-    # Side by side: the two-process run waits on its collectives much of the time.
-    procs = _launch(multi, 2, 2), _launch(single, 1, 4)
-    try:
-        multi_out = _wait(procs[0])
-        _wait(procs[1])
-    finally:
-        _kill(procs[0] + procs[1])
-    return multi, single, multi_out, root
+def runs(built_once):
+    """The tiny run as 2 processes x 2 devices and as 1 process x 4 devices (once for the session)."""
+
+    def build(root):
+        # Side by side: the two-process run waits on its collectives much of the time.
+        procs = _launch(root / "two_processes", 2, 2), _launch(root / "one_process", 1, 4)
+        try:
+            _wait(procs[0])
+            _wait(procs[1])
+        finally:
+            _kill(procs[0] + procs[1])
+
+    root = built_once("multihost", build)
+    multi_out = [(root / "two_processes_logs" / f"0_p{i}.out").read_text() for i in range(2)]
+    return root / "two_processes", root / "one_process", multi_out
 
 
 def test_two_processes_train_what_one_process_trains(runs):
-    multi, single, _, _ = runs
+    multi, single, _ = runs
     m, s = (json.loads((wd / "summary.json").read_text()) for wd in (multi, single))
     assert (m["num_processes"], m["num_devices"]) == (2, 4) and (s["num_processes"], s["num_devices"]) == (1, 4)
     assert m["steps"] == s["steps"] == 22 and m["train_size"] == s["train_size"]
@@ -135,7 +138,7 @@ def test_two_processes_train_what_one_process_trains(runs):
 
 
 def test_only_process_zero_writes_and_prints(runs):
-    multi, _, (out0, out1), _ = runs
+    multi, _, (out0, out1) = runs
     top = sorted(p.name for p in multi.iterdir())
     assert top == ["checkpoints", "curves.png", "metrics.jsonl", "student", "summary.json", "teacher", "tensorboard"]
     assert len(list(multi.rglob("summary.json"))) == 1 and len(list(multi.rglob("metrics.jsonl"))) == 1
@@ -154,9 +157,9 @@ def test_only_process_zero_writes_and_prints(runs):
     assert not [line for line in out1.splitlines() if line.startswith(("epoch", "{", "ekd"))], out1
 
 
-def test_sigkill_of_both_processes_resumes_exactly(runs):
-    multi, _, _, root = runs
-    wd = root / "killed"
+def test_sigkill_of_both_processes_resumes_exactly(runs, tmp_path):
+    multi = runs[0]
+    wd = tmp_path / "killed"
     procs = _launch(wd, 2, 2)
     deadline = time.time() + DEADLINE_S
     try:

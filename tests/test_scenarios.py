@@ -210,9 +210,9 @@ def test_bfloat16_run_and_its_export(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("teacher")
-    return wd, train.train_and_evaluate(_quickstart_tiny(method="teacher"), str(wd))
+def teacher_run(built_once):
+    wd = built_once("scenarios_teacher", lambda wd: train.train_and_evaluate(_quickstart_tiny(method="teacher"), str(wd)))
+    return wd, json.loads((wd / "summary.json").read_text())
 
 
 @pytest.mark.parametrize("method,term", [("fitnet", "student/hint"), ("at", "student/at")])

@@ -1,6 +1,5 @@
 """The trainer end to end: outputs, exact resume after SIGKILL, corrupt checkpoints, CLI errors, NaN stop."""
 
-import fcntl
 import json
 import os
 import pathlib
@@ -55,21 +54,14 @@ def run_cli(workdir, *args):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, worker_id):
-    """An uninterrupted CLI run, the baseline for resume comparisons; read-only (tests copy it).
+def reference_run(built_once):
+    """An uninterrupted CLI run, the baseline for resume comparisons (once for the session)."""
 
-    Built once for the session: xdist's workers share it through their common temporary folder,
-    the first to take the lock trains it, the others wait and read it."""
-    root = tmp_path_factory.getbasetemp()
-    if worker_id != "master":
-        root = root.parent  # the folder every worker's basetemp is in
-    wd = root / "reference_run"
-    with open(root / "reference_run.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (wd / "summary.json").exists():
-            shutil.rmtree(wd, ignore_errors=True)
-            r = run_cli(wd, *HEAD_START)
-            assert r.returncode == 0, r.stderr[-3000:]
+    def build(wd):
+        r = run_cli(wd, *HEAD_START)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    wd = built_once("reference_run", build)
     return wd, json.loads((wd / "summary.json").read_text())
 
 
