@@ -55,7 +55,7 @@ done
 $PY -m ekd_jax.compare --config configs/study.py:full --config.data.source=$DATA \
   --config.loss.gamma=0.0 --methods ekd --seeds 0,1 --workdir runs/study_full_gamma0
 $PY benchmarks/study_runs.py save runs/study_full_gamma0
-for scenario in few100 full lowres4; do
+for scenario in full lowres4; do  # few100's head starts (dml and ekd) ran above
   $PY -m ekd_jax.compare --config configs/study.py:$scenario --config.data.source=$DATA \
     --config.teacher.head_start=1.0 --methods ekd --seeds 0,1,2 --workdir runs/study_${scenario}_head
   $PY benchmarks/study_runs.py save runs/study_${scenario}_head
