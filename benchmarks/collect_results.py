@@ -8,7 +8,8 @@ a comparison folder (python -m ekd_jax.compare) its results.md; any other folder
 finished run (``*/summary.json``). With ``--paired``, the finished runs of all the folders are
 pooled by run name (``<name>`` or ``<name>_s<seed>``; the same name and seed in two folders is the
 same config, the later folder's run is used; an online method's run with a teacher head start is
-named ``<name>_head``) into one table with each run's per-seed student top-1, its train top-1 and
+named ``<name>_head``; ``FOLDER@TAG`` names a folder's runs ``<name>_TAG``, e.g.
+``runs/study_full_gamma0@gamma0`` gives ``ekd_gamma0`` beside ``runs/study_full``'s ``ekd``) into one table with each run's per-seed student top-1, its train top-1 and
 last-tenth spread, and its paired per-seed difference to ``vanilla``, ``dml``, ``kd`` and ``ekd``
 (mean ± s.e.; the bases the folders have). The teacher alone's row holds its own top-1, so its
 difference to ``vanilla`` is the capability gap.
@@ -47,10 +48,11 @@ def main(folders):
 
 def paired(folders, rows=None):
     runs: dict[str, dict[int, dict]] = {}
-    for folder in map(pathlib.Path, folders):
-        for summ in sorted(folder.glob("*/summary.json")):
+    for spec in folders:
+        folder, _, tag = spec.partition("@")
+        for summ in sorted(pathlib.Path(folder).glob("*/summary.json")):
             s = json.loads(summ.read_text())
-            name = re.sub(r"_s\d+$", "", summ.parent.name)
+            name = re.sub(r"_s\d+$", "", summ.parent.name) + (f"_{tag}" if tag else "")
             if s["student_top1"] is None:  # the teacher alone: its row holds the teacher's top-1
                 name = "teacher alone (its top-1)"
             if s.get("teacher_head_start_epochs") and not name.endswith("_head"):
