@@ -8,10 +8,11 @@ a comparison folder (python -m ekd_jax.compare) its results.md; any other folder
 finished run (``*/summary.json``). With ``--paired``, the finished runs of all the folders are
 pooled by run name (``<name>`` or ``<name>_s<seed>``; the same name and seed in two folders is the
 same config, the later folder's run is used; an online method's run with a teacher head start is
-named ``<name>_head``; ``FOLDER@TAG`` names a folder's runs ``<name>_TAG``, e.g.
-``runs/study_full_gamma0@gamma0`` gives ``ekd_gamma0`` beside ``runs/study_full``'s ``ekd``) into one table with each run's per-seed student top-1, its train top-1 and
-last-tenth spread, and its paired per-seed difference to ``vanilla``, ``dml``, ``kd`` and ``ekd``
-(mean ± s.e.; the bases the folders have). The teacher alone's row holds its own top-1, so its
+named ``<name>_head``; ``FOLDER@TAG`` appends ``_TAG`` to every row name of a folder, e.g.
+``runs/study_full_gamma0@gamma0`` gives ``ekd_gamma0`` beside ``runs/study_full``'s ``ekd``) into
+one table with each run's per-seed student top-1, its train top-1 and last-tenth spread, and its
+paired per-seed difference to ``vanilla``, ``dml``, ``kd`` and ``ekd`` (mean ± s.e.; the bases the
+folders have). The teacher alone's row holds its own top-1, so its
 difference to ``vanilla`` is the capability gap.
 """
 
@@ -52,11 +53,13 @@ def paired(folders, rows=None):
         folder, _, tag = spec.partition("@")
         for summ in sorted(pathlib.Path(folder).glob("*/summary.json")):
             s = json.loads(summ.read_text())
-            name = re.sub(r"_s\d+$", "", summ.parent.name) + (f"_{tag}" if tag else "")
+            name = re.sub(r"_s\d+$", "", summ.parent.name)
             if s["student_top1"] is None:  # the teacher alone: its row holds the teacher's top-1
                 name = "teacher alone (its top-1)"
             if s.get("teacher_head_start_epochs") and not name.endswith("_head"):
                 name += "_head"  # e.g. runs/study_full_head/ekd_s0 next to runs/study_full/ekd_s0
+            if tag:  # last, so that a tagged folder's teacher alone gets its own row too
+                name += f"_{tag}"
             runs.setdefault(name, {})[s["config"]["seed"]] = s
     top1 = {n: {k: r["student_top1"] if r["student_top1"] is not None else r["teacher_top1"] for k, r in by_seed.items()}
             for n, by_seed in runs.items()}
