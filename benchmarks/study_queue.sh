@@ -60,3 +60,7 @@ for scenario in full lowres4; do  # few100's head starts (dml and ekd) ran above
     --config.teacher.head_start=1.0 --methods ekd --seeds 0,1,2 --workdir runs/study_${scenario}_head
   $PY benchmarks/study_runs.py save runs/study_${scenario}_head
 done
+# The full-data head start's control at equal teacher compute (section 5; one seed so far).
+$PY -m ekd_jax.compare --config configs/study.py:full --config.data.source=$DATA \
+  --config.teacher.head_start=1.0 --methods dml --seeds 0 --workdir runs/study_full_dmlhead
+$PY benchmarks/study_runs.py save runs/study_full_dmlhead
