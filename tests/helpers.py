@@ -8,6 +8,11 @@ import numpy as np
 from ekd_jax import data, parallel, step
 from ekd_jax.config import base_config
 
+# Why the PyTorch bridge's tests skip where torch is absent: the test set (requirements.txt) leaves it out,
+# because PyPI's torch on Linux is the multi-GB CUDA build. CI installs the CPU build (.ci/run).
+NO_TORCH = ("PyTorch is not installed (the test set leaves it out: PyPI's Linux torch is the CUDA build); "
+            "to run the PyTorch bridge's tests: pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
+
 
 def tiny_config(method="ekd", **overrides):
     c = base_config()

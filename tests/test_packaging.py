@@ -40,6 +40,20 @@ def _here(reqs):
     return [r for r in reqs if canonicalize_name(r.name) != SELF and (r.marker is None or r.marker.evaluate())]
 
 
+# The extras the test set installs ([test] pulls them in, requirements.txt pins them); the others (PyTorch)
+# are installed by hand where wanted, and their tests skip without them.
+IN_TEST_SET = set(next(Requirement(r) for r in PROJECT["optional-dependencies"]["test"]
+                       if canonicalize_name(Requirement(r).name) == SELF).extras) | {"test"}
+
+
+def _installed(req) -> bool:
+    try:
+        md.version(req.name)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
 def _names(reqs) -> set[str]:
     return {canonicalize_name(r.name) for r in _here(reqs)}
 
@@ -83,8 +97,13 @@ def test_every_import_is_a_declared_dependency():
     optional = set().union(*(_names(EXTRAS[e]) for e in EXTRAS if e != "test"))
     imports = _imports()
     assert {"jax", "flax", "PIL", "sklearn", "tensorflow_datasets"} <= {m for m, _, _ in imports}  # the walk works
+    outside = {canonicalize_name(r.name) for e in set(EXTRAS) - IN_TEST_SET for r in _here(EXTRAS[e])}
     for module, module_level, where in imports:
         dists = _distributions(module)
+        if not dists and canonicalize_name(module) in outside:  # torch, where it is not installed
+            assert not module_level, f"{where} imports {module} at import time: it is optional"
+            assert module in cli.OPTIONAL_MODULES, f"{where}: add {module} to cli.OPTIONAL_MODULES"
+            continue
         assert dists, f"{where} imports {module}, which is not installed here"
         if module_level:
             assert dists & core, f"{where} imports {module} at import time: {dists} must be in dependencies"
@@ -95,14 +114,18 @@ def test_every_import_is_a_declared_dependency():
 
 
 # Runtime dependencies ekd_jax does not import itself: dependency -> (ekd_jax file, the call that needs it).
-INDIRECT = {"flatbuffers": ("ekd_jax/export.py", ".serialize()")}  # jax.export's serialization imports it
+INDIRECT = {
+    "flatbuffers": ("ekd_jax/export.py", ".serialize()"),  # jax.export's serialization imports it
+    "importlib-resources": ("ekd_jax/data.py", ".download_and_prepare("),  # TFDS's etils.epath imports it
+}
 
 
 def test_every_dependency_is_used():
     for dist, (where, call) in INDIRECT.items():
         assert call in (ROOT / where).read_text(), f"{where} no longer calls {call}: is {dist} still needed?"
-        assert canonicalize_name(dist) in _names(CORE), f"{where} needs {dist} at run time: add it to dependencies"
-    imported = set().union(*(_distributions(m) for m, _, _ in _imports()), INDIRECT)
+        extras = [e for e in EXTRAS if e != "test" and canonicalize_name(dist) in _names(EXTRAS[e])]
+        assert canonicalize_name(dist) in _names(CORE) or extras, f"{where} needs {dist} at run time: declare it"
+    imported = set().union(*(_distributions(m) or {canonicalize_name(m)} for m, _, _ in _imports()), INDIRECT)
     optional = set().union(*(_names(EXTRAS[e]) for e in EXTRAS if e != "test"))
     assert _names(CORE) | optional <= imported, f"declared but never imported: {(_names(CORE) | optional) - imported}"
 
@@ -113,13 +136,17 @@ def test_optional_modules_name_extras_that_install_them():
         assert extras, hint
         for extra in extras:
             assert extra in EXTRAS, f"{hint}: pyproject.toml has no extra [{extra}]"
-            assert _distributions(module) & _names(EXTRAS[extra]), f"[{extra}] does not install {module}"
+            dists = _distributions(module) or {canonicalize_name(module)}  # torch, where not installed
+            assert dists & _names(EXTRAS[extra]), f"[{extra}] does not install {module}"
 
 
 def test_test_extra_installs_everything_the_suite_needs():
     test = EXTRAS["test"]
     own = [r for r in test if canonicalize_name(r.name) == SELF]
-    assert own and set(own[0].extras) == set(EXTRAS) - {"test"}, "[test] must pull in every other extra"
+    # Every extra but PyTorch's: on Linux PyPI's torch is the multi-GB CUDA build (README's second command
+    # must not pull it); its tests skip without it, and CI installs the CPU build (.ci/run).
+    assert own and set(own[0].extras) == set(EXTRAS) - {"test", "torch"}, "[test] must pull in every extra but [torch]"
+    assert "torch" not in _names(test), "[test] must not install torch"
     for module in ("pytest", "xdist", "chex", "nbclient", "nbformat", "ipykernel"):
         assert _distributions(module) & _names(test), module
 
@@ -128,6 +155,8 @@ def test_lower_bounds_are_tested_versions():
     """Every requirement has a >= lower bound, and the version installed here (the suite's) meets it."""
     for group, reqs in [("dependencies", CORE), *EXTRAS.items()]:
         for req in _here(reqs):
+            if group not in IN_TEST_SET and group != "dependencies" and not _installed(req):
+                continue  # torch, where it is not installed
             assert any(s.operator == ">=" for s in req.specifier), f"{group}: {req} needs a >= lower bound"
             installed = md.version(req.name)
             assert req.specifier.contains(installed, prereleases=True), f"{group}: {req}, but {installed} installed"
@@ -139,7 +168,7 @@ def test_requirements_txt_pins_exactly_pyproject():
     # One requirement a line, no pip options: the Colab notebook installs the lines one by one.
     pins = [Requirement(line) for line in lines]
     declared = {}
-    for req in [*CORE, *(r for reqs in EXTRAS.values() for r in reqs)]:
+    for req in [*CORE, *(r for extra in IN_TEST_SET for r in EXTRAS[extra])]:
         if canonicalize_name(req.name) != SELF:
             declared.setdefault((canonicalize_name(req.name), str(req.marker)), req)
     pinned = {(canonicalize_name(p.name), str(p.marker)): p for p in pins}
@@ -151,6 +180,16 @@ def test_requirements_txt_pins_exactly_pyproject():
         (spec,) = pin.specifier  # exactly one specifier: == version
         assert spec.operator == "==", pin
         assert declared[key].specifier.contains(spec.version), f"{pin} is outside pyproject's {declared[key]}"
+
+
+def test_ci_installs_the_torch_extra_at_its_lower_bound():
+    """.ci/run adds PyTorch to the test set (so that CI runs the bridge's tests), at the version pyproject's
+    [torch] names as tested; README's command for the CPU build names the same version."""
+    (torch_req,) = [r for r in EXTRAS["torch"] if canonicalize_name(r.name) == "torch"]
+    (bound,) = [s.version for s in torch_req.specifier if s.operator == ">="]
+    pins = re.findall(r"torch==([\w.+]+)", (ROOT / ".ci" / "run").read_text())
+    assert pins == [bound], f".ci/run installs torch {pins}, pyproject's [torch] says {torch_req}"
+    assert f"torch=={bound} --index-url https://download.pytorch.org/whl/cpu" in (ROOT / "tests" / "helpers.py").read_text()
 
 
 def test_console_scripts_are_the_command_lines():

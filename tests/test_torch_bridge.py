@@ -35,9 +35,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
-import torch.nn as tnn
-import torch.nn.functional as F
+from helpers import NO_TORCH
+
+torch = pytest.importorskip("torch", reason=NO_TORCH)
+import torch.nn as tnn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from ekd_jax import torch_layout
 from ekd_jax.import_torch import import_checkpoint

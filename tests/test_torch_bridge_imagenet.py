@@ -28,9 +28,11 @@ import json
 import jax
 import numpy as np
 import pytest
-import torch
-import torch.nn as tnn
-import torch.nn.functional as F
+from helpers import NO_TORCH
+
+torch = pytest.importorskip("torch", reason=NO_TORCH)
+import torch.nn as tnn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from test_torch_bridge import _bitwise, _cli, _close, _leaves, _nchw
 
 from ekd_jax import torch_layout
