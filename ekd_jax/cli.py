@@ -1,7 +1,9 @@
 """What every ekd_jax command line shares: flag parsing and the one-line ``error: ...`` contract.
 
 Bad input (an unknown flag, a config typo, a bad path, an invalid combination) ends with a single
-line ``error: <what and how to fix it>`` on stderr and exit status 2 — never a traceback.
+line ``error: <what and how to fix it>`` on stderr and exit status 2 — never a traceback. A signal
+that stops a command (Ctrl-C; SIGINT or SIGTERM during training, :mod:`ekd_jax.interrupt`) ends with
+one line saying where it stopped, and exit status 128 + the signal's number (130, 143).
 """
 
 from __future__ import annotations
@@ -181,6 +183,9 @@ def run(main: Callable[[], object], required: Sequence[str] = (), errors: tuple 
             main()
         except errors as e:
             fail(e)
+        except KeyboardInterrupt as e:  # Ctrl-C, or a run stopped by SIGINT/SIGTERM (ekd_jax.interrupt)
+            print(getattr(e, "message", "interrupted"), file=sys.stderr, flush=True)
+            sys.exit(getattr(e, "exit_status", 130))
         except ModuleNotFoundError as e:  # a missing optional dependency: name the extra
             hint = OPTIONAL_MODULES.get((e.name or "").partition(".")[0])
             if hint is None:

@@ -6,8 +6,10 @@ networks, optimizer and initial state), :func:`restore` (resume from the newest 
 checking the stored run's config), :func:`run_epochs`, :func:`finish` (saved networks, summary).
 
 Everything is reproducible from (config, seed, step): batches are chosen by (seed, step) and
-augmented on device with keys fold_in(seed, step), so a run resumed from an epoch checkpoint
-ends bitwise-identical to an uninterrupted one (on the same machine and device count).
+augmented on device with keys fold_in(seed, step), so a run resumed from a checkpoint ends
+bitwise-identical to an uninterrupted one (on the same machine and device count). Checkpoints are
+saved after every epoch, and, when SIGINT or SIGTERM stops the run (:mod:`ekd_jax.interrupt`), at the
+step where it stopped, mid-epoch, with the epoch's metrics so far.
 
 Multi-process runs (after ``ekd_jax.distributed.initialize``; ``python -m ekd_jax.main`` does it
 from its flags) are the same loop on every process: the mesh spans all devices, each process
@@ -32,7 +34,7 @@ import jax
 import numpy as np
 import optax
 
-from ekd_jax import checkpoint, data, distributed, evaluation, outputs, parallel, step
+from ekd_jax import checkpoint, data, distributed, evaluation, interrupt, outputs, parallel, step
 from ekd_jax import config as config_lib
 from ekd_jax.outputs import tree_sha256
 from ekd_jax.methods import get_method
@@ -66,19 +68,27 @@ class Run:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains teacher and student as ``config.method`` says; returns the final summary dict."""
+    """Trains teacher and student as ``config.method`` says; returns the final summary dict.
+
+    SIGINT/SIGTERM raise :class:`ekd_jax.interrupt.Interrupted` (a KeyboardInterrupt): during training
+    after saving a checkpoint of the step reached, before it at once (nothing to save yet).
+    """
     t_start = time.time()
-    run = set_up(config, workdir)
-    with checkpoint.Checkpointer(run.workdir, keep=config.checkpoint_keep, async_save=config.async_checkpoint) as ckpt, \
-            outputs.RunWriter(run.workdir, enabled=distributed.is_primary()) as out:
-        state, start_epoch, best = restore(run, ckpt, out)
-        out.resume(start_epoch)
-        steps = step.compile_steps(run.nets, run.tx, run.mesh)
-        # Every program now, so that one that cannot compile (or fit) fails before any training.
-        steps.precompile(state, config.batch_size, config.eval_batch_size, run.ds.image_shape)
-        out.message(describe(run))
-        state, best = run_epochs(run, state, start_epoch, best, steps, ckpt, out)
-    return finish(run, state, best, out, time.time() - t_start)
+    with interrupt.StopSignals() as stop:
+        run = set_up(config, workdir)
+        stop.mesh = run.mesh
+        with checkpoint.Checkpointer(run.workdir, keep=config.checkpoint_keep, async_save=config.async_checkpoint) as ckpt, \
+                outputs.RunWriter(run.workdir, enabled=distributed.is_primary()) as out:
+            state, start, best = restore(run, ckpt, out)
+            out.resume(start.epoch)
+            steps = step.compile_steps(run.nets, run.tx, run.mesh)
+            # Every program now, so that one that cannot compile (or fit) fails before any training.
+            steps.precompile(state, config.batch_size, config.eval_batch_size, run.ds.image_shape)
+            out.message(describe(run))
+            stop.phase = "training"
+            state, best = run_epochs(run, state, start, best, steps, ckpt, out, stop)
+            stop.phase = "finish"
+        return finish(run, state, best, out, time.time() - t_start)
 
 
 # --------------------------------------------------------------------------- set up
@@ -167,8 +177,18 @@ def describe(run: Run) -> str:
 # --------------------------------------------------------------------------- restore
 
 
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Where training (re)starts: ``epoch``, and within it the first step ``index`` and the metrics
+    of the steps before it (a run stopped mid-epoch saved them with its checkpoint)."""
+
+    epoch: int = 0
+    index: int = 0
+    history: tuple = ()
+
+
 def restore(run: Run, ckpt: checkpoint.Checkpointer, out: outputs.RunWriter):
-    """``(state, first epoch to run, best so far)``: a fresh state, or the newest checkpoint's.
+    """``(state, Start, best so far)``: a fresh state, or the newest checkpoint's.
 
     The stored run's config is compared with this one before its state is read: a workdir of
     another run is refused, naming the keys, and its checkpoints stay where they are.
@@ -182,10 +202,18 @@ def restore(run: Run, ckpt: checkpoint.Checkpointer, out: outputs.RunWriter):
     )
     restored = ckpt.restore_latest(abstract, check_meta=functools.partial(refuse_other_run, run.workdir, current=run.config_json))
     if restored is None:
-        return state, 0, {"student/top1": -1.0, "epoch": -1}
+        return state, Start(), {"student/top1": -1.0, "epoch": -1}
     state, meta = restored
-    out.message(f"resuming after epoch {meta['epoch'] + 1} (step {int(state.step)}) from {ckpt.directory}")
-    return state, meta["epoch"] + 1, meta["best"]
+    partial = meta.get("partial")
+    if partial is None:
+        out.message(f"resuming after epoch {meta['epoch'] + 1} (step {int(state.step)}) from {ckpt.directory}")
+        return state, Start(meta["epoch"] + 1), meta["best"]
+    # The metrics of the epoch's first steps, as the uninterrupted run holds them (float32 scalars), so
+    # that the epoch's means come out the same.
+    history = tuple({k: np.float32(v) for k, v in m.items()} for m in partial["history"])
+    out.message(f"resuming at step {int(state.step)} (epoch {partial['epoch'] + 1}, step {len(history) + 1} of "
+                f"{run.steps_per_epoch}) from {ckpt.directory}")
+    return state, Start(partial["epoch"], len(history), history), meta["best"]
 
 
 def refuse_other_run(workdir, meta: dict, current: dict) -> None:
@@ -226,13 +254,19 @@ def _load_frozen_teacher(run: Run, state: step.JointState) -> step.JointState:
 # --------------------------------------------------------------------------- epochs
 
 
-def run_epochs(run: Run, state, start_epoch: int, best: dict, steps: step.Steps, ckpt, out):
-    """Trains, evaluates, records and checkpoints every remaining epoch; returns (state, best)."""
+def run_epochs(run: Run, state, start: Start, best: dict, steps: step.Steps, ckpt, out, stop=None):
+    """Trains, evaluates, records and checkpoints every remaining epoch; returns (state, best).
+    Stopped by a signal (``stop``), it saves the step reached and raises ``interrupt.Interrupted``."""
     ranked = "student/top1" if run.nets.method.runs_student else "teacher/top1"
-    for epoch in range(start_epoch, run.num_epochs):
+    for epoch in range(start.epoch, run.num_epochs):
         t0 = time.time()
-        state, history = train_epoch(run, state, epoch, steps.train, out)
-        rec = epoch_record(run, epoch, history, time.time() - t0)
+        resumed = start if epoch == start.epoch else Start(epoch)
+        state, history = train_epoch(run, state, epoch, steps.train, out, resumed, stop)
+        if len(history) < run.steps_per_epoch:  # stopped by a signal at a step boundary
+            save_stopped(run, state, epoch, history, best, ckpt, stop)
+        train_s = time.time() - t0
+        # The steps of an epoch resumed mid-way ran in train_s: its speed is theirs.
+        rec = epoch_record(run, epoch, history, train_s, timed_steps=len(history) - resumed.index)
         if (epoch + 1) % run.config.eval_every_epochs == 0 or epoch + 1 == run.num_epochs:
             rec.update(evaluate(run, state, steps.eval, waiting=run.head.waiting(epoch)))
         if ranked in rec and rec[ranked] > best["student/top1"]:
@@ -244,13 +278,17 @@ def run_epochs(run: Run, state, start_epoch: int, best: dict, steps: step.Steps,
     return state, best
 
 
-def train_epoch(run: Run, state, epoch: int, train_step, out):
-    """One epoch of steps; checks the loss terms are finite at every log point. Returns (state, metrics per step)."""
+def train_epoch(run: Run, state, epoch: int, train_step, out, start: Start | None = None, stop=None):
+    """One epoch of steps from ``start.index``; checks the loss terms are finite at every log point.
+    Returns (state, metrics per step); fewer than the epoch's steps when ``stop`` said to stop."""
     spe, every, size = run.steps_per_epoch, run.config.log_every_steps, run.config.batch_size
+    start = start or Start(epoch)
     rows = parallel.process_rows(run.mesh, size)  # this process's share of every global batch
-    history: list[dict] = []
-    progress = _Progress(spe, epoch, run.num_epochs, enabled=out.enabled)
-    for i in range(spe):
+    history: list[dict] = list(start.history)
+    progress = _Progress(spe, epoch, run.num_epochs, enabled=out.enabled, initial=start.index)
+    for i in range(start.index, spe):
+        if stop is not None and stop.poll():
+            break
         gstep = epoch * spe + i
         x, y = data.train_batch(run.ds, size, run.config.seed, gstep, rows)
         state, m = train_step(state, parallel.global_batch({"image": x, "label": y}, run.mesh, size), gstep)
@@ -272,7 +310,22 @@ def train_epoch(run: Run, state, epoch: int, train_step, out):
     return state, history
 
 
-def epoch_record(run: Run, epoch: int, history: list[dict], train_s: float) -> dict:
+def save_stopped(run: Run, state, epoch: int, history: list[dict], best: dict, ckpt, stop) -> None:
+    """Saves the step a signal stopped the run at (unless it is the epoch checkpoint just saved, or
+    step 0), with the epoch's metrics so far, then raises ``interrupt.Interrupted``."""
+    at = epoch * run.steps_per_epoch + len(history)
+    ckpt.wait()
+    if at and at not in ckpt.all_steps():
+        stop.saving = at
+        window = jax.device_get(history)  # the steps since the last log point are still on the device
+        partial = {"epoch": epoch, "history": [{k: float(v) for k, v in m.items()} for m in window]}
+        ckpt.save(at, state, {"epoch": epoch - 1, "best": best, "config": run.config_json, "partial": partial}, -1.0)
+        ckpt.wait()
+        stop.saving = None
+    raise interrupt.Interrupted(stop.stopped_by, interrupt.resume_message(at, epoch))
+
+
+def epoch_record(run: Run, epoch: int, history: list[dict], train_s: float, timed_steps: int | None = None) -> dict:
     """The epoch's training record: step, learning rates, epoch means of the step metrics, speed.
     While the student waits for the teacher's head start it has no learning rate (nor any metric:
     the head-start step reports the teacher's only)."""
@@ -283,7 +336,8 @@ def epoch_record(run: Run, epoch: int, history: list[dict], train_s: float) -> d
     if run.teacher_schedule is not None:
         rec["teacher_lr"] = float(run.teacher_schedule(last))
     rec.update({f"train/{k}": float(np.mean([h[k] for h in history])) for k in history[0]})
-    rec["images_per_s"] = run.steps_per_epoch * run.config.batch_size / train_s
+    timed_steps = run.steps_per_epoch if timed_steps is None else timed_steps
+    rec["images_per_s"] = timed_steps * run.config.batch_size / train_s
     return rec
 
 
@@ -305,13 +359,13 @@ def _first_non_finite(history: list[dict], first_step: int) -> tuple[int, str] |
 class _Progress:
     """tqdm bar per epoch on a terminal; plain log lines otherwise."""
 
-    def __init__(self, total: int, epoch: int, num_epochs: int, enabled: bool = True):
+    def __init__(self, total: int, epoch: int, num_epochs: int, enabled: bool = True, initial: int = 0):
         self.tty = enabled and sys.stderr.isatty()
         self.bar = None
         if self.tty:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{num_epochs}", leave=False)
+            self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{num_epochs}", leave=False)
 
     def update(self, n: int = 1):
         if self.bar is not None:

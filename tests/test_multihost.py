@@ -181,6 +181,44 @@ def test_sigkill_of_both_processes_resumes_exactly(runs, tmp_path):
     assert strip(_records(wd)) == strip(_records(multi))
 
 
+def test_sigterm_to_one_process_stops_every_process_at_one_step(runs, tmp_path):
+    """A preemption notice reaches one process: both stop after the same step, save it together and
+    exit 143; the same command on both resumes there and ends as the uninterrupted run."""
+    multi = runs[0]
+    wd = tmp_path / "stopped"
+    procs = _launch(wd, 2, 2, "--config.log_every_steps=1")
+    deadline = time.time() + DEADLINE_S
+    try:
+        while time.time() < deadline and all(p.poll() is None for p, _, _ in procs):
+            if "epoch 2 step 2/11:" in procs[0][1].read_text():  # only process 0 prints
+                break
+            time.sleep(0.02)
+        assert all(p.poll() is None for p, _, _ in procs), "a process ended before it could be signalled"
+        procs[1][0].send_signal(signal.SIGTERM)
+        _wait(procs, returncode=143)
+    finally:
+        _kill(procs)
+    errs = [e.read_text() for _, _, e in procs]
+    assert not [e for e in errs if "Traceback" in e], errs
+    pattern = r"interrupted at step (\d+) \(epoch 2\); run the same command to resume"
+    found = [re.fullmatch(pattern, e.strip().splitlines()[-1]) for e in errs]
+    assert all(found), errs
+    stopped = {int(m.group(1)) for m in found}
+    assert len(stopped) == 1, stopped  # the same step on both processes
+    (stopped,) = stopped
+    assert 11 + 2 <= stopped < 22, stopped
+    committed = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if (p / "commit_success.txt").exists())
+    assert committed == [11, stopped]
+
+    out0, _ = _wait(_launch(wd, 2, 2, "--config.log_every_steps=1"))
+    assert f"resuming at step {stopped} (epoch 2" in out0
+    a, b = (json.loads((w / "summary.json").read_text()) for w in (wd, multi))
+    for k in ("teacher_params_sha256", "student_params_sha256", "teacher_top1", "student_top1", "steps"):
+        assert a[k] == b[k], k
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "images_per_s"} for r in recs]  # noqa: E731
+    assert strip(_records(wd)) == strip(_records(multi))
+
+
 def test_a_refusal_on_one_process_stops_every_process(tmp_path):
     """A data file that only process 0 sees (each process has its own HOME): process 1 refuses,
     and process 0, instead of waiting for it in the next collective, stops with process 1's

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -130,6 +131,71 @@ def test_sigkill_and_resume_is_bitwise_identical(reference_run, tmp_path):
     strip = lambda recs: [{k: v for k, v in r.items() if k != "images_per_s"} for r in recs]  # noqa: E731
     read = lambda p: [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert strip(read(wd)) == strip(read(ref_wd))
+
+
+STEPS_PER_EPOCH = 11  # the tiny config: 359 digits, batch 32
+
+
+def _stop_mid_epoch(wd, sig, epoch=3, after=2):
+    """Starts the reference run's command (logging every step), sends ``sig`` once epoch ``epoch``
+    (counted from 1) has logged step ``after``, and returns (exit status, stdout, stderr)."""
+    cmd, env = cli(wd, *HEAD_START, "--config.log_every_steps=1")
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines, mark = [], f"epoch {epoch} step {after}/{STEPS_PER_EPOCH}:"
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(mark):
+                proc.send_signal(sig)
+                break
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return proc.returncode, "".join(lines) + out, err
+
+
+def _checkpoint_steps(wd) -> list[int]:
+    ck = wd / "checkpoints"
+    return sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists())
+
+
+def test_sigterm_saves_the_step_reached_and_resume_is_bitwise_identical(reference_run, tmp_path):
+    """A cluster's SIGTERM mid-epoch: the run stops at the next step boundary, saves a checkpoint of that
+    very step, says so in one line, exits 143; the same command resumes there and ends as the
+    uninterrupted run did, every record included."""
+    ref_wd, ref = reference_run
+    wd = tmp_path / "stopped"
+    status, out, err = _stop_mid_epoch(wd, signal.SIGTERM)
+    assert status == 143, err[-3000:]
+    m = re.fullmatch(r"interrupted at step (\d+) \(epoch 3\); run the same command to resume", err.strip())
+    assert m, err[-3000:]  # exactly one line on stderr: no traceback
+    stopped = int(m.group(1))
+    assert 2 * STEPS_PER_EPOCH + 2 <= stopped < 3 * STEPS_PER_EPOCH, stopped  # mid-epoch 3, after its 2nd step
+    assert _checkpoint_steps(wd)[-1] == stopped
+    assert not (wd / "summary.json").exists()
+
+    r = run_cli(wd, *HEAD_START, "--config.log_every_steps=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming at step {stopped} (epoch 3, step {stopped - 2 * STEPS_PER_EPOCH + 1} of 11)" in r.stdout
+    # The resumed epoch runs only its remaining steps.
+    assert f"epoch 3 step {stopped - 2 * STEPS_PER_EPOCH}/11:" not in r.stdout
+    s = json.loads((wd / "summary.json").read_text())
+    for k in ("student_params_sha256", "teacher_params_sha256", "teacher_top1", "student_top1", "best_student_top1",
+              "steps", "teacher_train_top1", "student_train_top1"):
+        assert s[k] == ref[k], k
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "images_per_s"} for r in recs]  # noqa: E731
+    read = lambda p: [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert strip(read(wd)) == strip(read(ref_wd))  # the stopped epoch's means too: its first steps were saved
+
+
+def test_ctrl_c_saves_the_step_reached_and_exits_130(tmp_path):
+    wd = tmp_path / "stopped"
+    status, out, err = _stop_mid_epoch(wd, signal.SIGINT, epoch=2, after=1)
+    assert status == 130, err[-3000:]
+    m = re.fullmatch(r"interrupted at step (\d+) \(epoch 2\); run the same command to resume", err.strip())
+    assert m and "Traceback" not in err, err[-3000:]
+    assert STEPS_PER_EPOCH < int(m.group(1)) < 2 * STEPS_PER_EPOCH
+    assert _checkpoint_steps(wd) == [STEPS_PER_EPOCH, int(m.group(1))]
 
 
 def test_corrupt_latest_checkpoint_is_reported_and_previous_used(reference_run, tmp_path, capsys, xla_optimizations):
