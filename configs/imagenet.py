@@ -28,7 +28,7 @@ stream (``data.streaming=True``, ekd_jax/streaming.py), never loaded into memory
   ``data.std`` (0.229, 0.224, 0.225)), not statistics measured on the training split.
 
 Any other ImageNet copy in the same record format works with
-``--config.data.source='arrayrecord:/data/imagenet/{split}-*.array_record'`` (README "Datasets
+``--config.data.source='arrayrecord:/data/imagenet/{split}-*.array_record'`` (docs/data.md "Datasets
 larger than memory").
 """
 

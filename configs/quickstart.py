@@ -32,7 +32,7 @@ def get_config(arg: str = "") -> "ml_collections.ConfigDict":  # noqa: F821
         c.num_epochs = 2
         # A smoke test, barely trained: at 0.05 its near-tied test logits flip with the order in
         # which devices' gradients are summed (1 x 4 devices vs 2 processes x 2: one test image);
-        # at 0.01 every layout gives the same accuracies (tests/test_multihost.py, README).
+        # at 0.01 every layout gives the same accuracies (tests/test_multihost.py, docs/multihost.md).
         c.optimizer.learning_rate = 0.01
     elif arg:
         raise ValueError(f"unknown quickstart argument {arg!r}; use ':tiny' or nothing")

@@ -1,7 +1,8 @@
 """The config schema: every experiment config starts from :func:`base_config` and overrides it.
 
 Names here are a public contract (configs, command-line overrides, other tools use them).
-Where a value is our reading of the paper rather than the paper's, METHOD.md and README say so.
+Where a value is our reading of the paper rather than the paper's, docs/METHOD.md and
+docs/method_as_implemented.md say so.
 """
 
 from __future__ import annotations

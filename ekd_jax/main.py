@@ -1,8 +1,9 @@
 """Command line: ``python -m ekd_jax.main --config configs/<exp>.py[:arg] --workdir <dir> [--config.x=y]``.
 
 Thin on purpose: parse flags, join the other processes of a multi-process run (the distributed
-flags; README "Multi-host training"), then call :func:`ekd_jax.train.train_and_evaluate`. Bad
-input ends with one line ``error: ...`` and exit status 2, no traceback.
+flags; docs/multihost.md "Multi-host training"), then call
+:func:`ekd_jax.train.train_and_evaluate`. Bad input ends with one line ``error: ...`` and exit
+status 2, no traceback.
 """
 
 from __future__ import annotations
