@@ -541,13 +541,7 @@ def _open_tfds(name: str, data_dir: str | None):
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ValueError(f"{where}: TFDS has no dataset {name!r}; see https://www.tensorflow.org/datasets/catalog") from e
-    try:
-        builder.download_and_prepare()
-    except Exception as e:  # network, disk, a manual download missing (ImageNet): keep TFDS's own message
-        raise RuntimeError(
-            f"{where}: TFDS could not prepare the dataset in {builder.data_dir} ({type(e).__name__}: {e}). "
-            "Preparing needs the internet (or, for imagenet2012, the archives in TFDS's manual_dir) and TensorFlow once"
-        ) from e
+    data._prepare_tfds(builder, name, where, file_format="array_record")  # a failure: one ValueError line
     features = builder.info.features
     if IMAGE_KEY not in features or LABEL_KEY not in features:
         raise ValueError(f"{where}: needs 'image' and 'label' features, the dataset has {sorted(features)}.")

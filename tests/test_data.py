@@ -104,8 +104,9 @@ def test_digits_resized_once_at_load(digits):
 
 
 @pytest.mark.parametrize("name, classes", [("cifar10", 10), ("cifar100", 100)])
-def test_tfds_sources_with_mock_data(name, classes, tmp_path):
+def test_tfds_sources_with_mock_data(name, classes, tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
+    _no_download_probe(monkeypatch)
     with tfds.testing.mock_data(num_examples=20):
         ds = data.load_dataset(_cfg(source=f"tfds:{name}", tfds_data_dir=str(tmp_path)))
         small = data.load_dataset(_cfg(source=f"tfds:{name}", image_size=16))
@@ -117,8 +118,15 @@ def test_tfds_sources_with_mock_data(name, classes, tmp_path):
     assert ds.source == f"tfds:{name}"
 
 
-def test_tfds_images_of_varying_size_need_image_size():
+def _no_download_probe(monkeypatch):
+    """mock_data stands in for TFDS's preparation (tests/test_tfds_builder.py runs the real one): the probe
+    of the download host that comes before it would look for a real download."""
+    monkeypatch.setattr(data, "_check_hosts_reachable", lambda builder: None)
+
+
+def test_tfds_images_of_varying_size_need_image_size(monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
+    _no_download_probe(monkeypatch)
     with tfds.testing.mock_data(num_examples=4):
         with pytest.raises(ValueError, match="varying sizes; set data.image_size"):
             data.load_dataset(_cfg(source="tfds:caltech_birds2011"))
