@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The recorded study's background queue (docs/results.md section 5): one run at a time, resumable.
 #   DATA=npz:/path/to/cifar10_small.npz nohup benchmarks/study_queue.sh > runs/study_queue.log 2>&1 &
-# Restores the finished runs carried in docs/study_runs/, then: the few-sample comparison of the
-# defaults to 3 seeds, the aux_head ablation at 2 seeds, the second dataset (digits), the
-# three-scenario study (reusing the ablation's runs of the same config), saving finished runs'
-# records back into docs/study_runs/ after each step and every 5 minutes (commit them). Interrupted runs resume from
-# their checkpoints.
+# Restores the finished runs carried in docs/study_runs/<study>.json, then: the few-sample
+# comparison of the defaults to 3 seeds, the aux_head ablation at 2 seeds, the second dataset
+# (digits), the three-scenario study (reusing the ablation's runs of the same config), saving
+# finished runs' records back into their docs/study_runs/<study>.json after each step and every
+# 5 minutes (commit them). Interrupted runs resume from their checkpoints.
 set -u
 cd "$(dirname "$0")/.."
 DATA=${DATA:?set DATA=npz:<path of cifar10_small.npz>, the same string as the carried runs (docs/results.md section 5)}
@@ -13,7 +13,7 @@ PY=${PY:-.venv/bin/python}
 while pgrep -f "benchmarks/ablation.py|ekd_jax.compare" >/dev/null; do sleep 10; done  # one run at a time
 $PY benchmarks/study_runs.py restore
 # A new checkout starts without runs/: every few minutes carry each finished run's records into
-# docs/study_runs/ (commit them), so that a stop loses at most the runs in progress.
+# docs/study_runs/<study>.json (commit them), so that a stop loses at most the runs in progress.
 ( while sleep 300; do
     for d in runs/abl_* runs/study_*; do [ -d "$d" ] && $PY benchmarks/study_runs.py save "$d" >/dev/null; done
   done ) &

@@ -90,10 +90,11 @@ def test_study_few100_e60_is_the_budget_of_the_recorded_900_step_runs():
     """docs/results.md section 3: few100_e60 trains as the carried runs of the earlier budget did."""
     import pathlib
 
-    root = pathlib.Path(__file__).resolve().parents[1] / "docs" / "study_runs" / "abl_few100"
+    study = pathlib.Path(__file__).resolve().parents[1] / "docs" / "study_runs" / "abl_few100.json"
+    runs = json.loads(study.read_text("utf-8"))["runs"]
     c = _json(_study("few100_e60")[0])
     for run in ("vanilla", "dml", "teacher", "ekd_dml_feat"):
-        stored = json.loads((root / run / "summary.json").read_text())["config"]
+        stored = runs[run]["summary.json"]["config"]
         for key in ("batch_size", "num_epochs", "eval_every_epochs", "optimizer", "schedule", "teacher.model",
                     "student.model", "data.samples_per_class", "data.student_downsample"):
             node_s, node_c = stored, c
