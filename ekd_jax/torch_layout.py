@@ -121,26 +121,25 @@ def _plus(group: int, add: int, template: str) -> Callable[[re.Match], str]:
 
 _BLOCK = r"stage(\d+)_block(\d+)"
 
-RESNET = Layout(
-    "RepDistiller models/resnet.py",
-    (
-        ("stem_conv", "conv1"), ("stem_bn", "bn1"), ("fc", "fc"),
-        (_BLOCK + "/shortcut_conv", r"layer\1.\2.downsample.0"),
-        (_BLOCK + "/shortcut_bn", r"layer\1.\2.downsample.1"),
-        (_BLOCK + r"/((?:conv|bn)\d)", r"layer\1.\2.\3"),
-    ),
-    classifier="fc", stem="conv1",
-)
-RESNETV2 = Layout(
-    "RepDistiller models/resnetv2.py",
-    (
-        ("stem_conv", "conv1"), ("stem_bn", "bn1"), ("fc", "linear"),
-        (_BLOCK + "/shortcut_conv", r"layer\1.\2.shortcut.0"),
-        (_BLOCK + "/shortcut_bn", r"layer\1.\2.shortcut.1"),
-        (_BLOCK + r"/((?:conv|bn)\d)", r"layer\1.\2.\3"),
-    ),
-    classifier="linear", stem="conv1",
-)
+
+def _repdistiller_resnet(file: str, classifier: str, shortcut: str) -> Layout:
+    """RepDistiller's resnet.py and resnetv2.py: one module tree (models/resnet.py builds both), but
+    resnet.py calls the Linear ``fc`` and the shortcut projection ``downsample``, resnetv2.py
+    ``linear`` and ``shortcut``."""
+    return Layout(
+        f"RepDistiller models/{file}",
+        (
+            ("stem_conv", "conv1"), ("stem_bn", "bn1"), ("fc", classifier),
+            (_BLOCK + "/shortcut_conv", rf"layer\1.\2.{shortcut}.0"),
+            (_BLOCK + "/shortcut_bn", rf"layer\1.\2.{shortcut}.1"),
+            (_BLOCK + r"/((?:conv|bn)\d)", r"layer\1.\2.\3"),
+        ),
+        classifier=classifier, stem="conv1",
+    )
+
+
+RESNET = _repdistiller_resnet("resnet.py", classifier="fc", shortcut="downsample")
+RESNETV2 = _repdistiller_resnet("resnetv2.py", classifier="linear", shortcut="shortcut")
 WRN = Layout(
     "RepDistiller models/wrn.py",
     (

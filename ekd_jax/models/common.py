@@ -1,4 +1,4 @@
-"""Layers and initialisers shared by the CIFAR zoo, matching PyTorch/RepDistiller semantics.
+"""Layers and initialisers shared by the zoo's families, matching PyTorch/RepDistiller semantics.
 
 Why this file exists: the zoo must reproduce the reference architectures exactly, including
 what Flax does differently by default (initialisers, BatchNorm running-variance update).
@@ -119,6 +119,26 @@ class TorchDense(nn.Module):
         bias = self.param("bias", self.bias_init or torch_default_bias(fan_in), (self.features,), jnp.float32)
         dtype = self.dtype or x.dtype
         return jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+
+
+def pool_and_classify(
+    x: jax.Array,
+    num_classes: int,
+    *,
+    name: str,
+    kernel_init: Initializer | None = None,
+    bias_init: Initializer | None = None,
+    dtype: Dtype | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Every zoo model's head: global average pool, then a :class:`TorchDense`. ``(logits, pooled)``.
+
+    ``name`` is the Linear's reference name (``fc``, ``classifier``); the inits default to
+    PyTorch's, as :class:`TorchDense`. Call inside a compact method: the Linear joins the caller's
+    scope.
+    """
+    pooled = global_avg_pool(x)
+    logits = TorchDense(num_classes, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype, name=name)(pooled)
+    return logits, pooled
 
 
 def conv(

@@ -9,7 +9,8 @@ stride or the width changes, the identity otherwise. Bottleneck puts the stride 
 Linear PyTorch's default; no zero-init of the last BN of a block (torchvision's default too).
 
 These are NOT the CIFAR zoo's ``resnet*``/``ResNet50`` (conv3x3 stem, no max-pool; resnet.py): the
-registry names end in ``_imagenet``.
+registry names end in ``_imagenet``. They share its residual blocks and stages (resnet.py's
+:func:`~ekd_jax.models.resnet.residual_stages`), under torchvision's names.
 
 Parameter names follow torchvision's state-dict keys, so a torchvision checkpoint maps onto them
 by rule: join the Flax module path with '.', then replace every '_' in a module name by '.'; the
@@ -38,65 +39,12 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from ekd_jax.models.common import BatchNorm, Dtype, TorchDense, conv, global_avg_pool, relu
+from ekd_jax.models.common import BatchNorm, Dtype, conv, pool_and_classify, relu
+from ekd_jax.models.resnet import residual_stages
 
 
-def _downsample(x: jax.Array, features: int, stride: int, train: bool, dtype: Dtype | None) -> jax.Array:
-    """torchvision's ``downsample``: identity, or 1x1 conv (stride) + BN when the shape changes.
-
-    Must be called inside a block's compact ``__call__`` (registers ``downsample_0``/``_1`` there).
-    """
-    if stride == 1 and x.shape[-1] == features:
-        return x
-    x = conv(features, 1, stride, dtype=dtype, name="downsample_0")(x)
-    return BatchNorm(dtype=dtype, name="downsample_1")(x, train)
-
-
-class BasicBlock(nn.Module):
-    """conv3x3(stride)-BN-ReLU-conv3x3-BN, + downsample(x), ReLU. Returns ``(output, pre-ReLU sum)``."""
-
-    features: int
-    stride: int = 1
-    dtype: Dtype | None = None
-
-    expansion = 1  # output width = features * expansion (class constant, not a field)
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-        y = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv1")(x)
-        y = relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
-        y = conv(self.features, 3, dtype=self.dtype, name="conv2")(y)
-        y = BatchNorm(dtype=self.dtype, name="bn2")(y, train)
-        pre = y + _downsample(x, self.features, self.stride, train, self.dtype)
-        return relu(pre), pre
-
-
-class Bottleneck(nn.Module):
-    """conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1(x4)-BN, + downsample(x), ReLU (v1.5).
-
-    Returns ``(output, pre-ReLU sum)``.
-    """
-
-    features: int
-    stride: int = 1
-    dtype: Dtype | None = None
-
-    expansion = 4
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-        out_features = self.features * self.expansion
-        y = conv(self.features, 1, dtype=self.dtype, name="conv1")(x)
-        y = relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
-        y = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv2")(y)
-        y = relu(BatchNorm(dtype=self.dtype, name="bn2")(y, train))
-        y = conv(out_features, 1, dtype=self.dtype, name="conv3")(y)
-        y = BatchNorm(dtype=self.dtype, name="bn3")(y, train)
-        pre = y + _downsample(x, out_features, self.stride, train, self.dtype)
-        return relu(pre), pre
-
-
-_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+# torchvision's ``downsample`` = Sequential(conv1x1, BN): the names of a block's shortcut projection.
+DOWNSAMPLE = ("downsample_0", "downsample_1")
 
 
 class ImageNetResNet(nn.Module):
@@ -117,22 +65,18 @@ class ImageNetResNet(nn.Module):
     def __call__(
         self, x: jax.Array, train: bool = False, preact: bool = False
     ) -> tuple[jax.Array, list[jax.Array]]:
-        block_cls = _BLOCKS[self.block]
         x = conv(self.stem_width, 7, 2, dtype=self.dtype, name="conv1")(x)
         pre = BatchNorm(dtype=self.dtype, name="bn1")(x, train)
         x = relu(pre)
-        features = [pre if preact else x]
+        stem = pre if preact else x
         # PyTorch's MaxPool2d pads with -inf, as nn.max_pool does.
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for s, (width, depth) in enumerate(zip(self.widths, self.layers), start=1):
-            for b in range(depth):
-                stride = 2 if (s > 1 and b == 0) else 1
-                x, pre = block_cls(width, stride, dtype=self.dtype, name=f"layer{s}_{b}")(x, train)
-            features.append(pre if preact else x)
-        x = global_avg_pool(x)
-        features.append(x)
-        logits = TorchDense(self.num_classes, dtype=self.dtype, name="fc")(x)
-        return logits, features
+        x, stages = residual_stages(
+            x, self.block, self.widths, self.layers, name="layer{s}_{b}", shortcut_names=DOWNSAMPLE,
+            train=train, preact=preact, dtype=self.dtype,
+        )
+        logits, pooled = pool_and_classify(x, self.num_classes, dtype=self.dtype, name="fc")
+        return logits, [stem, *stages, pooled]
 
 
 def _resnet(layers: Sequence[int], block: str):

@@ -34,7 +34,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from ekd_jax.models.common import BatchNorm, Dtype, TorchDense, conv, global_avg_pool, torch_default_kernel
+from ekd_jax.models.common import BatchNorm, Dtype, conv, pool_and_classify, torch_default_kernel
 
 # (out_channels, stride) of the stem and of each depthwise-separable block, the blocks grouped
 # by feature stage: stage i's output is the i-th map of mdistiller's feats.
@@ -78,10 +78,8 @@ class MobileNetV1(nn.Module):
                 pre = _conv_bn(x, out_channels, 1, 1, 1, (k, 3), train, self.dtype)  # pointwise
                 x = nn.relu(pre)
             features.append(pre if preact else x)
-        pooled = global_avg_pool(x)
-        features.append(pooled)
-        logits = TorchDense(self.num_classes, dtype=self.dtype, name="fc")(pooled)
-        return logits, features
+        logits, pooled = pool_and_classify(x, self.num_classes, dtype=self.dtype, name="fc")
+        return logits, [*features, pooled]
 
 
 MODELS = {"mobilenetv1_imagenet": MobileNetV1}

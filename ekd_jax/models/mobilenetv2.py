@@ -11,14 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from ekd_jax.models.common import (
-    BatchNorm,
-    Dtype,
-    TorchDense,
-    conv,
-    global_avg_pool,
-    linear_normal_001,
-)
+from ekd_jax.models.common import BatchNorm, Dtype, conv, linear_normal_001, pool_and_classify
 
 # Inverted-residual stages (t = expansion, None -> the model's expansion; c = width before
 # scaling; n = blocks; s = stride of the first block). The first stage always uses t = 1.
@@ -89,16 +82,11 @@ class MobileNetV2(nn.Module):
         x = nn.relu(BatchNorm(dtype=self.dtype, name="head_bn")(x, train))
         # The reference's AvgPool2d(2, ceil_mode) is global on CIFAR's 2x2 maps; a global mean also
         # serves other input sizes.
-        pooled = global_avg_pool(x)
-        features.append(pooled)
-        logits = TorchDense(
-            self.num_classes,
-            kernel_init=linear_normal_001,
-            bias_init=nn.initializers.zeros,
-            dtype=self.dtype,
-            name="classifier",
-        )(pooled)
-        return logits, features
+        logits, pooled = pool_and_classify(
+            x, self.num_classes, kernel_init=linear_normal_001, bias_init=nn.initializers.zeros,
+            dtype=self.dtype, name="classifier",
+        )
+        return logits, [*features, pooled]
 
 
 MODELS = {"MobileNetV2": MobileNetV2}

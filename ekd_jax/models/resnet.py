@@ -4,6 +4,8 @@ RepDistiller models/resnet.py) and the bottleneck ResNet50 (RepDistiller models/
 Both references are the same network shape — conv3x3 stem + BN + ReLU (no max-pool), stages of
 residual blocks whose first block may downsample, global average pool, Linear — and differ only
 in the block type and the stage layout, so one parameterised :class:`ResNet` builds all of them.
+The blocks and their stages (:class:`BasicBlock`, :class:`Bottleneck`, :func:`residual_stages`)
+also build the ImageNet ResNets (imagenet_resnet.py), which name the shortcut's layers otherwise.
 
 Features (``preact=False``): ``[stem after ReLU, stage outputs after their final ReLU..., pooled]``;
 with ``preact=True`` each stage map is replaced by its last block's residual sum before the ReLU
@@ -19,27 +21,42 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from ekd_jax.models.common import BatchNorm, Dtype, TorchDense, conv, global_avg_pool, relu
+from ekd_jax.models.common import BatchNorm, Dtype, conv, pool_and_classify, relu
 
 
-def _shortcut(x: jax.Array, features: int, stride: int, train: bool, dtype: Dtype | None) -> jax.Array:
+# The names of the 1x1 conv + BN that project a block's shortcut: the CIFAR zoo's own, which
+# torch_layout maps onto both references' keys (resnet.py's ``downsample``, resnetv2.py's ``shortcut``).
+SHORTCUT = ("shortcut_conv", "shortcut_bn")
+
+
+def _shortcut(
+    x: jax.Array, features: int, stride: int, names: tuple[str, str], train: bool, dtype: Dtype | None
+) -> jax.Array:
     """Residual path of a block: identity, or a 1x1 conv + BN projection when the shape changes.
 
-    Both references project whenever stride != 1 or the width changes (never He et al.'s
-    zero-padding option A); this is what the reference parameter counts assume. Must be called
-    inside a block's compact ``__call__`` (it registers ``shortcut_conv``/``shortcut_bn`` there).
+    All three references (RepDistiller's resnet.py and resnetv2.py, torchvision's resnet.py)
+    project whenever stride != 1 or the width changes (never He et al.'s zero-padding option A);
+    this is what the reference parameter counts assume. Must be called inside a block's compact
+    ``__call__`` (it registers the conv and the BN there, named ``names``).
     """
     if stride == 1 and x.shape[-1] == features:
         return x
-    x = conv(features, 1, stride, dtype=dtype, name="shortcut_conv")(x)
-    return BatchNorm(dtype=dtype, name="shortcut_bn")(x, train)
+    conv_name, bn_name = names
+    x = conv(features, 1, stride, dtype=dtype, name=conv_name)(x)
+    return BatchNorm(dtype=dtype, name=bn_name)(x, train)
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN, + shortcut, ReLU. Returns ``(output, pre-ReLU sum)``."""
+    """conv3x3(stride)-BN-ReLU-conv3x3-BN, + shortcut, ReLU. Returns ``(output, pre-ReLU sum)``.
+
+    The BasicBlock of both ResNet families, which differ only in what they call the shortcut's
+    projection: ``shortcut_names`` names its conv and BN (:data:`SHORTCUT` here, torchvision's
+    ``downsample_0``/``_1`` in imagenet_resnet.py).
+    """
 
     features: int
     stride: int = 1
+    shortcut_names: tuple[str, str] = SHORTCUT
     dtype: Dtype | None = None
 
     expansion = 1  # output width = features * expansion (class constant, not a field)
@@ -50,18 +67,20 @@ class BasicBlock(nn.Module):
         y = relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
         y = conv(self.features, 3, dtype=self.dtype, name="conv2")(y)
         y = BatchNorm(dtype=self.dtype, name="bn2")(y, train)
-        pre = y + _shortcut(x, self.features, self.stride, train, self.dtype)
+        pre = y + _shortcut(x, self.features, self.stride, self.shortcut_names, train, self.dtype)
         return relu(pre), pre
 
 
 class Bottleneck(nn.Module):
     """conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1(x4)-BN, + shortcut, ReLU.
 
-    The stride sits on the 3x3 conv, as in RepDistiller's resnetv2. Returns ``(output, pre-ReLU sum)``.
+    The stride sits on the 3x3 conv, as in RepDistiller's resnetv2 and torchvision's "ResNet v1.5".
+    ``shortcut_names`` as in :class:`BasicBlock`. Returns ``(output, pre-ReLU sum)``.
     """
 
     features: int
     stride: int = 1
+    shortcut_names: tuple[str, str] = SHORTCUT
     dtype: Dtype | None = None
 
     expansion = 4
@@ -75,11 +94,41 @@ class Bottleneck(nn.Module):
         y = relu(BatchNorm(dtype=self.dtype, name="bn2")(y, train))
         y = conv(out_features, 1, dtype=self.dtype, name="conv3")(y)
         y = BatchNorm(dtype=self.dtype, name="bn3")(y, train)
-        pre = y + _shortcut(x, out_features, self.stride, train, self.dtype)
+        pre = y + _shortcut(x, out_features, self.stride, self.shortcut_names, train, self.dtype)
         return relu(pre), pre
 
 
-_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+def residual_stages(
+    x: jax.Array,
+    block: str,
+    widths: Sequence[int],
+    depths: Sequence[int],
+    *,
+    name: str,
+    shortcut_names: tuple[str, str],
+    train: bool,
+    preact: bool,
+    dtype: Dtype | None,
+) -> tuple[jax.Array, list[jax.Array]]:
+    """The stages of both ResNet families: ``(output, stage maps)``.
+
+    Stage s (from 1) has ``depths[s-1]`` blocks of kind ``block`` (a :data:`BLOCKS` key) and width
+    ``widths[s-1]`` (before the block's expansion); the first block of every stage but the first
+    has stride 2. ``name.format(s=s, b=b)`` names block b of stage s. A stage map is the stage's
+    output, or with ``preact`` its last block's residual sum before the ReLU (the reference's
+    preact). Call inside a compact method: the blocks join the caller's scope.
+    """
+    block_cls = BLOCKS[block]
+    maps = []
+    for s, (width, depth) in enumerate(zip(widths, depths), start=1):
+        for b in range(depth):
+            stride = 2 if (s > 1 and b == 0) else 1
+            x, pre = block_cls(width, stride, shortcut_names, dtype=dtype, name=name.format(s=s, b=b))(x, train)
+        maps.append(pre if preact else x)
+    return x, maps
 
 
 class ResNet(nn.Module):
@@ -103,20 +152,14 @@ class ResNet(nn.Module):
     def __call__(
         self, x: jax.Array, train: bool = False, preact: bool = False
     ) -> tuple[jax.Array, list[jax.Array]]:
-        block_cls = _BLOCKS[self.block]
         x = conv(self.stem_width, 3, dtype=self.dtype, name="stem_conv")(x)
-        x = relu(BatchNorm(dtype=self.dtype, name="stem_bn")(x, train))
-        features = [x]
-        for s, (width, depth) in enumerate(zip(self.widths, self.depths), start=1):
-            for b in range(depth):
-                stride = 2 if (s > 1 and b == 0) else 1
-                x, pre = block_cls(width, stride, dtype=self.dtype, name=f"stage{s}_block{b}")(x, train)
-            # `pre` is now the last block's residual sum before its ReLU (the reference's preact).
-            features.append(pre if preact else x)
-        x = global_avg_pool(x)
-        features.append(x)
-        logits = TorchDense(self.num_classes, dtype=self.dtype, name="fc")(x)
-        return logits, features
+        stem = relu(BatchNorm(dtype=self.dtype, name="stem_bn")(x, train))
+        x, stages = residual_stages(
+            stem, self.block, self.widths, self.depths, name="stage{s}_block{b}", shortcut_names=SHORTCUT,
+            train=train, preact=preact, dtype=self.dtype,
+        )
+        logits, pooled = pool_and_classify(x, self.num_classes, dtype=self.dtype, name="fc")
+        return logits, [stem, *stages, pooled]
 
 
 def _cifar_resnet(depth: int, widths: Sequence[int]):

@@ -15,14 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ekd_jax.models.common import (
-    BatchNorm,
-    Dtype,
-    TorchDense,
-    conv,
-    global_avg_pool,
-    torch_default_kernel,
-)
+from ekd_jax.models.common import BatchNorm, Dtype, conv, pool_and_classify, torch_default_kernel
 
 STEM_WIDTH = 24
 
@@ -104,10 +97,8 @@ class ShuffleNetV1(nn.Module):
                     name=f"stage{s}_block{b}",
                 )(x, train)
             features.append(pre if preact else x)
-        pooled = global_avg_pool(x)
-        features.append(pooled)
-        logits = TorchDense(self.num_classes, dtype=self.dtype, name="classifier")(pooled)
-        return logits, features
+        logits, pooled = pool_and_classify(x, self.num_classes, dtype=self.dtype, name="classifier")
+        return logits, [*features, pooled]
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,10 +176,8 @@ class ShuffleNetV2(nn.Module):
             features.append(pre if preact else x)
         x = _conv(self.head_width, 1, dtype=self.dtype, name="head_conv")(x)
         x = nn.relu(BatchNorm(dtype=self.dtype, name="head_bn")(x, train))
-        pooled = global_avg_pool(x)
-        features.append(pooled)
-        logits = TorchDense(self.num_classes, dtype=self.dtype, name="classifier")(pooled)
-        return logits, features
+        logits, pooled = pool_and_classify(x, self.num_classes, dtype=self.dtype, name="classifier")
+        return logits, [*features, pooled]
 
 
 MODELS = {"ShuffleV1": ShuffleNetV1, "ShuffleV2": ShuffleNetV2}

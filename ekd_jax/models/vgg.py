@@ -13,14 +13,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from ekd_jax.models.common import (
-    BatchNorm,
-    Dtype,
-    TorchDense,
-    conv,
-    global_avg_pool,
-    linear_normal_001,
-)
+from ekd_jax.models.common import BatchNorm, Dtype, conv, linear_normal_001, pool_and_classify
 
 # Channel widths of the convs in each of the five blocks.
 CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -68,16 +61,11 @@ class VGG(nn.Module):
             x = nn.relu(pre)
             # The reference's first feature is always taken after the ReLU, even with preact.
             features.append(pre if preact and i > 0 else x)
-        pooled = global_avg_pool(x)
-        features.append(pooled)
-        logits = TorchDense(
-            self.num_classes,
-            kernel_init=linear_normal_001,
-            bias_init=nn.initializers.zeros,
-            dtype=self.dtype,
-            name="classifier",
-        )(pooled)
-        return logits, features
+        logits, pooled = pool_and_classify(
+            x, self.num_classes, kernel_init=linear_normal_001, bias_init=nn.initializers.zeros,
+            dtype=self.dtype, name="classifier",
+        )
+        return logits, [*features, pooled]
 
 
 MODELS = {

@@ -16,7 +16,7 @@ import functools
 import flax.linen as nn
 import jax
 
-from ekd_jax.models.common import BatchNorm, Dtype, TorchDense, conv, global_avg_pool, relu
+from ekd_jax.models.common import BatchNorm, Dtype, conv, pool_and_classify, relu
 
 
 class WideBasicBlock(nn.Module):
@@ -89,11 +89,11 @@ class WideResNet(nn.Module):
             features.append(x)
 
         final_bn = BatchNorm(dtype=self.dtype, name="final_bn")
-        x = global_avg_pool(relu(final_bn(x, train)))
-        features.append(x)
-        logits = TorchDense(
-            self.num_classes, bias_init=nn.initializers.zeros, dtype=self.dtype, name="fc"
-        )(x)
+        logits, pooled = pool_and_classify(
+            relu(final_bn(x, train)), self.num_classes, bias_init=nn.initializers.zeros, dtype=self.dtype,
+            name="fc",
+        )
+        features.append(pooled)
 
         if preact:
             # Reuse the very BN modules that consume these maps. As in the reference, this runs
