@@ -18,9 +18,9 @@ when the process had both cores; lower = the machine was busy).
 
 The JAX step is the one ``python -m ekd_jax.bench`` times: configs/cifar.py:cifar100,<pair> with
 method 'ekd' and its default loss (CE + CE + KD(T=4) + adapter MSE on the 3 stage pairs, no
-co-evolution term), built through ekd_jax.step. Both sides use the same adapter (``--adapter``):
-'ekd' = ekd_jax's 3x3 conv -> BN -> ReLU -> 1x1 conv, '1x1' = 1x1 conv -> BN (the JAX side then
-patches ekd_jax.guided.Adapter in its process only).
+co-evolution term), built as the trainer builds it (ekd_jax.build). Both sides use the same adapter
+(``--adapter``): 'ekd' = ekd_jax's 3x3 conv -> BN -> ReLU -> 1x1 conv, '1x1' = 1x1 conv -> BN (the
+JAX side then patches ekd_jax.guided.Adapter in its process only).
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def jax_timer(pair: str, batch_size: int, method: str, overrides: list[str]):
         for p in path:
             node = node[p]
         node[leaf] = v if isinstance(node[leaf], str) else type(node[leaf])(json.loads(v))
-    n_cls, shape = bench.data_shape(cfg)
-    return bench.StepTimer.build(cfg, n_cls, shape)
+    spec = bench.spec_for(cfg)
+    n_cls, shape = bench.data_shape(spec)
+    return bench.StepTimer.build(spec, n_cls, shape)
 
 
 def serve_jax(a) -> None:
@@ -79,12 +80,22 @@ def serve_jax(a) -> None:
     first = min(jt.run(1), jt.run(1))
     flops = jt.flops or 0.0
     print(f"ready {first:.6f} {jt.compile_s:.3f} {flops:.0f} {os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    serve(jt.run)
+
+
+def serve(run, warm=None) -> None:
+    """A contender's side of the chunk protocol, after its 'ready' line: each stdin line 'N' runs N steps
+    (``run(n)`` -> their wall seconds) and answers 'WALL_S CPU_S'; 'quit' or EOF ends. ``warm``: also
+    'warm K' -> the line ``warm(K)`` returns (benchmarks/gpu/workers.py's PyTorch server)."""
     for line in sys.stdin:
         line = line.strip()
         if not line or line == "quit":
             break
+        if warm is not None and line.startswith("warm"):
+            print(warm(int(line.split()[1])), flush=True)
+            continue
         c0 = time.process_time()
-        wall = jt.run(int(line))
+        wall = run(int(line))
         print(f"{wall:.6f} {time.process_time() - c0:.6f}", flush=True)
 
 

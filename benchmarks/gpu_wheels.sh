@@ -10,7 +10,7 @@
 #   absl (flags; chex and orbax need it too)   -> absl-py
 #   tensorboardX (outputs.RunWriter)           -> tensorboardX, which needs protobuf and packaging
 #   tqdm (only on a terminal)                  -> tqdm
-#   PIL (data.py imports it; used only to resize) -> pillow: NOT downloaded by default (4-5 MB
+#   PIL (ekd_jax/data imports it; used only to resize) -> pillow: NOT downloaded by default (4-5 MB
 #        per Python version); gpu_check.py puts a stub in its place when it is missing, which is
 #        enough for the 32x32 npz (no resize). --pillow downloads it too.
 #   matplotlib (curves.png, compare's plot)    -> not downloaded (about 40 MB with its deps over

@@ -8,14 +8,15 @@ that never ends (only the head-start step runs) — and prints each step's first
 """
 
 import argparse
-import functools
+import dataclasses
 import time
 
 import jax
 import numpy as np
 
 from configs import study
-from ekd_jax import parallel, step, train
+from ekd_jax import bench, parallel
+from ekd_jax.build import DataFacts, build
 
 
 def main():
@@ -23,18 +24,18 @@ def main():
     p.add_argument("--scenario", default="full")
     p.add_argument("--steps", type=int, default=10)
     a = p.parse_args()
-    cfg = study.get_config(a.scenario)
+    spec = bench.spec_for(study.get_config(a.scenario))
     mesh = parallel.make_mesh()
-    views = functools.partial(train._views, cfg=cfg.data, mean=(0.5,) * 3, std=(0.25,) * 3)
     rng = np.random.default_rng(0)
-    batch = parallel.shard_batch({"image": rng.integers(0, 256, (cfg.batch_size, 32, 32, 3), dtype=np.uint8),
-                                  "label": rng.integers(0, 10, (cfg.batch_size,), dtype=np.int32)}, mesh)
-    for name, start in (("joint step", 0), ("head-start step", 10**9)):
-        nets = step.build_networks(cfg, 10, (32, 32, 3), (32, 32, 3), views, 1000, start)
-        tx = step.make_optimizer(nets, 0.05, 0.9, 5e-4, teacher_learning_rate=0.05 if start else None)
-        state = step.init_state(nets, tx, 0, mesh)
-        train_step = step.compile_steps(nets, tx, mesh).train
-        run = lambda s, i: train_step(s, batch, i)  # noqa: E731  (i < start: the head-start program)
+    batch = parallel.shard_batch({"image": rng.integers(0, 256, (spec.batch_size, 32, 32, 3), dtype=np.uint8),
+                                  "label": rng.integers(0, 10, (spec.batch_size,), dtype=np.int32)}, mesh)
+    facts = DataFacts(10, (32, 32, 3), 10_000, (0.5,) * 3, (0.25,) * 3)
+    # A head start longer than any step asked for: only the head-start program runs.
+    for name, head_start in (("joint step", 0.0), ("head-start step", 1000.0)):
+        built = build(dataclasses.replace(spec, teacher=dataclasses.replace(spec.teacher, head_start=head_start)), facts)
+        state = built.init_state(0, mesh)
+        train_step = built.compile(mesh).train
+        run = lambda s, i: train_step(s, batch, i)  # noqa: E731
         t = time.perf_counter()
         state, m = run(state, 0)
         jax.block_until_ready(m)

@@ -16,7 +16,7 @@ torchvision-pretrained and frozen, where EKD (the default method) trains both fr
 
 Data: ``tfds:imagenet2012`` (TFDS needs the ILSVRC-2012 archives downloaded by hand into its
 manual_dir; it is prepared once in TFDS's ArrayRecord format), read by index through the grain
-stream (``data.streaming=True``, ekd_jax/streaming.py), never loaded into memory:
+stream (``data.streaming=True``, ekd_jax/data/stream.py), never loaded into memory:
 
 * training: RandomResizedCrop to 224x224 (``data.crop_scale`` (0.08, 1.0), ``data.crop_ratio``
   (3/4, 4/3), bilinear) on the host, in ``data.workers`` grain processes (set it to the host's

@@ -4,8 +4,8 @@
   python -m ekd_jax.bench --config configs/cifar.py:cifar100,resnet32x4-resnet8x4 --config.batch_size=128 \
       --out /tmp/bench.json --peak_gflops 150
 
-Builds the configured teacher, student and method exactly as the trainer does (``step.build_networks``,
-``make_optimizer``, ``init_state``, ``compile_steps``) but never loads the dataset: the step is fed
+Builds the configured teacher, student and method exactly as the trainer does (the one build,
+``ekd_jax.build.build``, then ``init_state`` and ``compile_steps``) but never loads the dataset: the step is fed
 device-resident uint8 batches of the configured image shape and class count (``--num_classes``,
 ``--image_size``, ``--channels``; defaults follow ``data.source``). Offline methods (kd, fitnet, at)
 get a randomly initialised frozen teacher, which times the same. Reports compile seconds
@@ -18,7 +18,6 @@ Bad input ends with one line ``error: ...`` and exit status 2. docs/performance.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import pathlib
@@ -56,18 +55,18 @@ _KNOWN_SOURCES = {
 }
 _FALLBACK = (100, 32, 3)
 SYNTHETIC_BATCHES = 4  # distinct device batches cycled through (so no step reuses its input's buffer)
-DUMMY_TEACHER_CHECKPOINT = "<bench: randomly initialised frozen teacher>"
+SYNTHETIC_TRAIN_SIZE = 50_000  # the schedules' length in steps per epoch (the step's cost does not depend on it)
 
 
 class BenchError(ValueError):
     """Bad bench input (reported as ``error: ...``, exit status 2)."""
 
 
-def data_shape(config, num_classes: int | None = None, image_size: int | None = None, channels: int | None = None):
+def data_shape(spec, num_classes: int | None = None, image_size: int | None = None, channels: int | None = None):
     """(num_classes, (H, W, C)) of the synthetic data: explicit values, else from data.source."""
-    known = _KNOWN_SOURCES.get(config.data.source, _FALLBACK)
+    known = _KNOWN_SOURCES.get(spec.data.source, _FALLBACK)
     n = num_classes if num_classes is not None else known[0]
-    size = image_size if image_size is not None else (config.data.image_size or known[1])
+    size = image_size if image_size is not None else (spec.data.image_size or known[1])
     c = channels if channels is not None else known[2]
     for name, v in (("num_classes", n), ("image_size", size), ("channels", c)):
         if not isinstance(v, int) or v < 1:
@@ -75,16 +74,16 @@ def data_shape(config, num_classes: int | None = None, image_size: int | None = 
     return n, (size, size, c)
 
 
-def _with_method(config, method: str):
-    """A config copy with ``method`` set; offline methods get a dummy teacher checkpoint."""
-    from ekd_jax.methods import get_method
+def spec_for(config, method: str | None = None):
+    """The validated spec of ``config`` (with ``method`` instead of its own). No file it names is looked
+    at: the data is synthetic, and an offline method times a randomly initialised frozen teacher."""
+    from ekd_jax.spec.validate import validate
 
     cfg = config.copy_and_resolve_references()
-    with cfg.unlocked():
-        cfg.method = method
-        if get_method(method).needs_teacher_checkpoint and not cfg.teacher.checkpoint:
-            cfg.teacher.checkpoint = DUMMY_TEACHER_CHECKPOINT
-    return cfg
+    if method is not None:
+        with cfg.unlocked():
+            cfg.method = method
+    return validate(cfg, check_files=False)
 
 
 def _flops(compiled) -> float | None:
@@ -103,7 +102,7 @@ def _flops(compiled) -> float | None:
 class StepTimer:
     """The compiled joint train step of one config, ready to be timed chunk by chunk.
 
-    ``build(config, ...)`` compiles; ``run(n)`` runs n steps and returns their wall seconds
+    ``build(spec, ...)`` (``spec_for(config)``) compiles; ``run(n)`` runs n steps and returns their wall seconds
     (blocking on the result). Used by this module's CLI and by benchmarks/compare_cpu.py.
     """
 
@@ -117,30 +116,24 @@ class StepTimer:
     _i: int = 0
 
     @classmethod
-    def build(cls, config, num_classes: int, image_shape, method: str | None = None) -> "StepTimer":
+    def build(cls, spec, num_classes: int, image_shape) -> "StepTimer":
         import jax
         import jax.numpy as jnp
 
-        from ekd_jax import data, parallel, step, train
+        from ekd_jax import parallel
+        from ekd_jax.build import DataFacts, build
 
-        cfg = _with_method(config, method or config.method)
         mesh = parallel.make_mesh()
-        parallel.check_batch_size(cfg.batch_size, mesh)
+        parallel.check_batch_size(spec.batch_size, mesh)
         image_shape = tuple(image_shape)
-        t_shape = tuple(data.teacher_input_shape(cfg.data, image_shape))
-        s_shape = tuple(data.student_input_shape(cfg.data, image_shape))
         c = image_shape[-1]
-        mean, std = (0.5,) * c, (0.25,) * c  # the values do not change the step's cost
-        views = functools.partial(train._views, cfg=cfg.data, mean=mean, std=std)
-        steps_per_epoch = max(1, 50_000 // cfg.batch_size)
-        total_steps = steps_per_epoch * cfg.num_epochs
-        nets = step.build_networks(cfg, num_classes, t_shape, s_shape, views, total_steps)
-        schedule = train.make_schedule(cfg, steps_per_epoch, total_steps)
-        tx = step.make_optimizer(nets, schedule, cfg.optimizer.momentum, cfg.optimizer.weight_decay, cfg.optimizer.nesterov)
-        state = step.init_state(nets, tx, cfg.seed, mesh)
-        joint = step.compile_steps(nets, tx, mesh).programs["joint"]
+        # The statistics' values do not change the step's cost.
+        facts = DataFacts(num_classes, image_shape, max(SYNTHETIC_TRAIN_SIZE, spec.batch_size), (0.5,) * c, (0.25,) * c)
+        built = build(spec, facts)
+        state = built.init_state(spec.seed, mesh)
+        joint = built.compile(mesh).programs["joint"]
 
-        bs = cfg.batch_size
+        bs = spec.batch_size
 
         def make(key):
             ki, kl = jax.random.split(key)
@@ -155,7 +148,7 @@ class StepTimer:
         t0 = time.perf_counter()
         compiled = joint.lower(state, batches[0]).compile()
         compile_s = time.perf_counter() - t0
-        return cls(compiled, state, batches, bs, compile_s, _flops(compiled), cfg.method)
+        return cls(compiled, state, batches, bs, compile_s, _flops(compiled), spec.method)
 
     def run(self, n: int) -> float:
         import jax
@@ -210,18 +203,19 @@ def run_bench(
         raise BenchError("--steps_per_chunk and --warmup_steps must be >= 0 and --chunk_seconds > 0")
     if peak_gflops is not None and peak_gflops <= 0:
         raise BenchError(f"--peak_gflops must be positive, got {peak_gflops}")
-    n_cls, shape = data_shape(config, num_classes, image_size, channels)
+    spec = spec_for(config)
+    n_cls, shape = data_shape(spec, num_classes, image_size, channels)
     dev = jax.devices()[0]
     result: dict[str, Any] = {
-        "method": config.method,
-        "teacher": config.teacher.model,
-        "student": config.student.model,
-        "batch_size": int(config.batch_size),
+        "method": spec.method,
+        "teacher": spec.teacher.model,
+        "student": spec.student.model,
+        "batch_size": int(spec.batch_size),
         "num_classes": n_cls,
         "image_shape": list(shape),
-        "student_downsample": int(config.data.student_downsample),
-        "lowres_mode": config.data.lowres_mode,
-        "dtype": config.dtype,
+        "student_downsample": int(spec.data.student_downsample),
+        "lowres_mode": spec.data.lowres_mode,
+        "dtype": spec.dtype,
         "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}".rstrip(":"),
         "num_devices": jax.device_count(),
         "host_cpus": os.cpu_count(),
@@ -230,11 +224,11 @@ def run_bench(
         "jaxlib": jaxlib.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-    timer = StepTimer.build(config, n_cls, shape)
+    timer = StepTimer.build(spec, n_cls, shape)
     result.update(time_step(timer, chunks, steps_per_chunk, chunk_seconds, warmup_steps))
     del timer
     if student_alone:
-        alone = StepTimer.build(config, n_cls, shape, method="vanilla")
+        alone = StepTimer.build(spec_for(config, "vanilla"), n_cls, shape)
         r = time_step(alone, chunks, steps_per_chunk, chunk_seconds, warmup_steps)
         result.update({f"student_alone_{k}": v for k, v in r.items()})
         result["joint_over_student_alone"] = result["step_ms"] / r["step_ms"]

@@ -258,23 +258,3 @@ def load_network(directory: str | pathlib.Path, abstract_variables: Any | None =
         raise ValueError(f"no saved network at {path}: expected the 'student/' or 'teacher/' folder of a finished run")
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, abstract_variables) if abstract_variables is not None else ckptr.restore(path)
-
-
-def restore_network(directory: str | pathlib.Path):
-    """Loads a saved ``student/`` or ``teacher/`` folder: returns (module, variables, meta)."""
-    import json
-
-    import jax.numpy as jnp
-
-    from ekd_jax.models import create_model
-
-    directory = pathlib.Path(directory)
-    meta_path = directory / "network.json"
-    if not meta_path.exists():
-        raise ValueError(f"{directory} is not a saved network (no network.json): pass a run's student/ or teacher/ folder")
-    meta = json.loads(meta_path.read_text())
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[meta.get("dtype", "float32")]
-    model = create_model(meta["model"], meta["num_classes"], dtype=dtype)
-    x = jax.ShapeDtypeStruct((1, *meta["input_shape"]), jnp.float32)
-    abstract = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0), x)
-    return model, load_network(directory, abstract), meta

@@ -22,7 +22,7 @@ from absl import app, flags, logging
 OPTIONAL_MODULES: dict[str, str] = {
     "tensorflow_datasets": "pip install 'ekd_jax[tfds]' (data.source='tfds:<name>') or 'ekd_jax[stream]' (the stream's records)",
     "grain": "pip install 'ekd_jax[stream]' (data.streaming=True, data.source='arrayrecord:<pattern>')",
-    "array_record": "pip install 'ekd_jax[stream]' (ekd_jax.streaming.write_arrayrecord)",
+    "array_record": "pip install 'ekd_jax[stream]' (ekd_jax.data.stream.write_arrayrecord)",
     "tensorflow": "pip install 'ekd_jax[tfds]' (TFDS data) or 'ekd_jax[export]' (SavedModel export)",
     "torch": "pip install 'ekd_jax[torch]' (PyTorch checkpoints: ekd-import-torch, ekd-export --torch_state_dict)",
     "safetensors": "pip install 'ekd_jax[torch]' (.safetensors checkpoints)",

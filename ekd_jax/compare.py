@@ -25,8 +25,10 @@ from absl import flags
 from ml_collections import config_flags
 
 import ekd_jax  # noqa: F401  (XLA CPU defaults before jax starts)
-from ekd_jax import cli, data
+from ekd_jax import cli, rundir
 from ekd_jax.methods import METHODS
+from ekd_jax.spec import DataSpec
+from ekd_jax.spec.validate import validate
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the experiment config file, e.g. configs/study.py:few100", lock_config=True)
@@ -36,20 +38,13 @@ flags.DEFINE_list("seeds", ["0", "1"], "Seeds (init and data order; the few-samp
 flags.DEFINE_list("reuse", [], "Workdirs whose finished runs of the same config are copied in, not trained again.")
 
 
-def _summary(path: pathlib.Path) -> dict | None:
-    p = path / "summary.json"
-    return json.loads(p.read_text()) if p.exists() else None
-
-
 def _same_config(summary: dict, config) -> bool:
     """A finished run's config is this one (switches added since then at their defaults)."""
-    from ekd_jax import config as config_lib
-
-    return not config_lib.config_difference(summary["config"], json.loads(config.to_json_best_effort()))
+    return not rundir.config_difference(summary["config"], validate(config, check_files=False).to_json())
 
 
 def _teacher_sha(workdir: str) -> str | None:
-    done = _summary(pathlib.Path(workdir)) if workdir else None
+    done = rundir.read_summary(pathlib.Path(workdir)) if workdir else None
     return done.get("teacher_params_sha256") if done else None
 
 
@@ -78,7 +73,7 @@ def find_finished(config, folders, weights: str | None = None) -> tuple[pathlib.
 
 
 def _weights_missing(workdir: pathlib.Path, weights: str | None) -> bool:
-    return weights is not None and not (workdir / weights / "network.json").exists()
+    return weights is not None and not rundir.has_network(workdir, weights)
 
 
 def run_one(config, workdir: pathlib.Path, reuse=(), weights: str | None = None) -> dict:
@@ -90,12 +85,12 @@ def run_one(config, workdir: pathlib.Path, reuse=(), weights: str | None = None)
     training is deterministic, so it is the same run, and a change in its parameters' hash is said."""
     from ekd_jax import train
 
-    done = _summary(workdir)
+    done = rundir.read_summary(workdir)
     if done is not None and _same_config(done, config):
         if not _weights_missing(workdir, weights):
             return done  # finished with this config
         print(f"{workdir} holds the finished run's records but not its {weights}/ weights: training it again", flush=True)
-        (workdir / "summary.json").unlink()
+        (workdir / rundir.SUMMARY_FILE).unlink()
         summary = train.train_and_evaluate(config, str(workdir))
         old, new = done.get("teacher_params_sha256"), summary.get("teacher_params_sha256")
         if old and new and old != new:
@@ -108,7 +103,7 @@ def run_one(config, workdir: pathlib.Path, reuse=(), weights: str | None = None)
             print(f"reusing the finished run {src} (same config)", flush=True)
             shutil.copytree(src, workdir, ignore=shutil.ignore_patterns("checkpoints"))
             summary = {**summary, "copied_from": str(src)}
-            (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+            rundir.write_summary(workdir, summary)
             return summary
     return train.train_and_evaluate(config, str(workdir))
 
@@ -122,8 +117,7 @@ def _drop_unused_switches(c) -> None:
     if not METHODS[c.method].online_teacher:
         c.teacher.head_start = 0.0
     if not METHODS[c.method].runs_student:
-        defaults = data.default_config()
-        c.data.student_downsample, c.data.lowres_mode = defaults.student_downsample, defaults.lowres_mode
+        c.data.student_downsample, c.data.lowres_mode = DataSpec.student_downsample, DataSpec.lowres_mode
 
 
 def compare(config, methods: list[str], seeds: list[int], workdir: str, reuse=()) -> dict:
@@ -150,7 +144,7 @@ def compare(config, methods: list[str], seeds: list[int], workdir: str, reuse=()
                 # The offline method's run needs its teacher's weights only if it still has to
                 # train: a finished one (records carried into a new checkout) keeps its teacher's
                 # records as they are.
-                done = _summary(root / f"{method}_s{seed}")
+                done = rundir.read_summary(root / f"{method}_s{seed}")
                 needs = None if done is not None and _same_config(done, c) else "teacher"
                 run_one(t, root / f"teacher_s{seed}", reuse, weights=needs)
             print(f"=== {method}, seed {seed} ===", flush=True)

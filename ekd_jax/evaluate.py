@@ -24,7 +24,9 @@ import ml_collections
 import numpy as np
 
 import ekd_jax  # noqa: F401  (applies the XLA CPU defaults before jax starts)
-from ekd_jax import data, evaluation, export, parallel
+from ekd_jax import data, evaluation, export, parallel, rundir
+from ekd_jax.spec import DataSpec
+from ekd_jax.spec.validate import validate_data
 
 NETWORKS = ("teacher", "student")
 RESULT_FILE = "evaluation.json"
@@ -32,30 +34,21 @@ RESULT_FILE = "evaluation.json"
 OVERRIDABLE = ("source", "tfds_data_dir")
 
 
-def run_data_config(workdir: str | pathlib.Path, overrides: Mapping[str, Any] | None = None):
-    """The run's ``data`` config (from summary.json), with ``overrides`` applied."""
+def run_data_spec(workdir: str | pathlib.Path, overrides: Mapping[str, Any] | None = None) -> tuple[DataSpec, dict]:
+    """The run's ``data`` block (from summary.json), with ``overrides`` applied, checked; and the summary."""
     workdir = pathlib.Path(workdir)
-    summary_path = workdir / "summary.json"
-    if not summary_path.exists():
-        raise ValueError(f"{workdir} holds no finished run ({summary_path} is missing): pass a training --workdir")
-    summary = json.loads(summary_path.read_text())
-    cfg = data.default_config()
-    run_cfg = dict(summary.get("config", {}).get("data", {}))
-    unknown = sorted(set(run_cfg) - set(cfg))
-    if unknown:
-        raise ValueError(f"summary.json's data config has fields this version does not know: {unknown}")
-    cfg.update(run_cfg)
-    for k, v in (overrides or {}).items():
-        if k not in cfg:
-            raise ValueError(f"unknown data field {k!r}; the data config has {sorted(cfg)}")
-        if v is not None:
-            cfg[k] = v
+    summary = rundir.read_summary(workdir)
+    if summary is None:
+        raise ValueError(f"{workdir} holds no finished run ({workdir / rundir.SUMMARY_FILE} is missing): "
+                         "pass a training --workdir")
+    block = dict(summary.get("config", {}).get("data", {}))
+    block.update({k: v for k, v in (overrides or {}).items() if v is not None})
     # Only the test split is scored: no few-sample subset of the training split is needed.
-    cfg.samples_per_class, cfg.train_fraction = 0, 1.0
-    return cfg, summary
+    block.update(samples_per_class=0, train_fraction=1.0)
+    return validate_data(block), summary
 
 
-def _check_network(which: str, meta: dict, cfg, image_shape: Sequence[int]) -> None:
+def _check_network(which: str, meta: dict, cfg: DataSpec, image_shape: Sequence[int]) -> None:
     if list(meta["raw_image_shape"]) != list(image_shape):
         raise ValueError(
             f"the {which} was trained on {meta['raw_image_shape']} images but data.source={cfg.source!r} "
@@ -70,10 +63,9 @@ def _check_network(which: str, meta: dict, cfg, image_shape: Sequence[int]) -> N
         )
 
 
-def evaluate_network(
-    which: str, module, variables, meta: dict, cfg, x: np.ndarray, y: np.ndarray, batch_size: int, mesh=None
-) -> dict:
-    """Top-1/top-5/CE and the confusion matrix of one saved network on (x, y)."""
+def evaluate_network(which: str, module, variables, meta: dict, cfg: DataSpec, source, batch_size: int, mesh=None) -> dict:
+    """Top-1/top-5/CE and the confusion matrix of one saved network on the held-out split of ``source``
+    (a loaded ``ekd_jax.data`` source)."""
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch_size(batch_size, mesh, "eval_batch_size")
     apply = export.apply_fn(module, meta, which, cfg)
@@ -86,7 +78,8 @@ def evaluate_network(
 
     rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     sums = jax.jit(sums, in_shardings=(rep, bat), out_shardings=rep)
-    totals = evaluation.accumulate(sums, parallel.replicate(variables, mesh), x, y, batch_size, mesh)
+    batches = source.eval_batches(batch_size, parallel.process_rows(mesh, batch_size))
+    totals = evaluation.accumulate(sums, parallel.replicate(variables, mesh), batches, batch_size, mesh)
     return {
         "model": meta["model"],
         "input_shape": meta["input_shape"],
@@ -135,12 +128,12 @@ def evaluate_run(
     """Scores the run's saved teacher and student (whichever exist) on the test split; returns a JSON-able dict."""
     t0 = time.time()
     workdir = pathlib.Path(workdir)
-    cfg, summary = run_data_config(workdir, data_overrides)
-    present = [w for w in networks if (workdir / w / "network.json").exists()]
+    cfg, summary = run_data_spec(workdir, data_overrides)
+    present = [w for w in networks if rundir.has_network(workdir, w)]
     if not present:
         folders = " or ".join(f"{w}/" for w in networks)
         raise ValueError(f"{workdir} holds no saved network ({folders}): is the run finished?")
-    ds = data.load_dataset(cfg)
+    ds = data.load(cfg)
     mesh = parallel.make_mesh()
     batch_size = batch_size or int(summary.get("config", {}).get("eval_batch_size", 256))
     n_dev = mesh.devices.size
@@ -152,9 +145,9 @@ def evaluate_run(
         "num_devices": int(n_dev),
     }
     for which in present:
-        module, variables, meta = export.load_network(workdir / which)
+        module, variables, meta = rundir.restore_network(workdir / which)
         _check_network(which, meta, cfg, ds.image_shape)
-        r = evaluate_network(which, module, variables, meta, cfg, ds.x_test, ds.y_test, batch_size, mesh)
+        r = evaluate_network(which, module, variables, meta, cfg, ds, batch_size, mesh)
         confusion = r.pop("confusion")
         r["per_class_top1"] = (np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)).tolist()
         if plot:
@@ -214,8 +207,7 @@ def _cli() -> None:
         print(format_result(result))
         print(json.dumps(result))
 
-    # RuntimeError: a data source that cannot be prepared (e.g. TFDS offline).
-    cli.run(main, required=("workdir",), errors=(ValueError, RuntimeError, OSError))
+    cli.run(main, required=("workdir",), errors=(ValueError, OSError))
 
 
 def run() -> None:

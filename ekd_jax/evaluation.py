@@ -7,14 +7,14 @@ the same number of identical programs, and the padding never counts.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ekd_jax import data, losses, parallel
+from ekd_jax import losses, parallel
 
 
 def classification_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, prefix: str = "",
@@ -41,15 +41,16 @@ def count_sum(mask: jax.Array) -> dict[str, jax.Array]:
     return {"count": jnp.sum(mask.astype(jnp.float32))}
 
 
-def accumulate(sums_fn: Callable[[Any, dict], dict[str, jax.Array]], first: Any, x: np.ndarray, y: np.ndarray,
-               batch_size: int, mesh) -> dict[str, np.ndarray]:
-    """Runs the jitted ``sums_fn(first, batch)`` over the test arrays (batches sharded over
-    ``mesh``, keys image/label/mask; it returns sums including 'count', the real examples) and
-    returns the totals on the host. Each process feeds only its rows of every batch; the sums
-    are over the global batch (replicated), so every process returns the same totals."""
+def accumulate(sums_fn: Callable[[Any, dict], dict[str, jax.Array]], first: Any,
+               batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], batch_size: int,
+               mesh) -> dict[str, np.ndarray]:
+    """Runs the jitted ``sums_fn(first, batch)`` over ``batches`` (this process's rows of every padded
+    evaluation batch, ``(x, y, mask)``: ``source.eval_batches(batch_size, parallel.process_rows(mesh,
+    batch_size))``), each made a global batch sharded over ``mesh`` with keys image/label/mask; ``sums_fn``
+    returns sums including 'count', the real examples. Returns the totals on the host. The sums are over
+    the global batch (replicated), so every process returns the same totals."""
     totals = None
-    rows = parallel.process_rows(mesh, batch_size)
-    for xb, yb, mask in data.eval_batches(x, y, batch_size, rows):
+    for xb, yb, mask in batches:
         out = sums_fn(first, parallel.global_batch({"image": xb, "label": yb, "mask": mask}, mesh, batch_size))
         totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
     return {k: np.asarray(v) for k, v in jax.device_get(totals).items()}

@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import ekd_jax  # noqa: F401  (applies the XLA CPU defaults before jax starts)
-from ekd_jax import data
+from ekd_jax import data, rundir
+from ekd_jax.spec import DataSpec
 
 EXPORT_FILE = "student.jax_export"
 TORCH_STATE_DICT_FILE = "student_state_dict.pth"
@@ -51,31 +52,24 @@ DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 FORMAT_VERSION = 1
 
 
-def load_network(directory: str | pathlib.Path):
-    """(module, variables, meta) of a saved ``student/`` or ``teacher/`` folder, in its trained dtype."""
-    from ekd_jax import checkpoint  # lazy: pulls in orbax
-
-    return checkpoint.restore_network(directory)
-
-
-def apply_fn(module, meta: dict, which: str = "student", data_cfg: Any = None) -> Callable:
+def apply_fn(module, meta: dict, which: str = "student", data_spec: DataSpec | None = None) -> Callable:
     """``f(variables, images_uint8) -> float32 logits``: the run's evaluation view, then the network.
 
-    ``data_cfg`` is the run's data config (its ``student_downsample`` / ``lowres_mode`` decide the
+    ``data_spec`` is the run's data block (its ``student_downsample`` / ``lowres_mode`` decide the
     student's view); by default they are read from the network's ``meta``. ``which`` picks the
     teacher view (the full images) or the student view from :func:`ekd_jax.data.make_views`.
     """
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
-    if data_cfg is None:
-        data_cfg = {"student_downsample": int(meta["student_downsample"]), "lowres_mode": meta["lowres_mode"]}
+    if data_spec is None:
+        data_spec = DataSpec(student_downsample=int(meta["student_downsample"]), lowres_mode=meta["lowres_mode"])
     mean, std = tuple(meta["mean"]), tuple(meta["std"])
     view = 1 if which == "student" else 0
 
     def f(variables, images):
         if images.dtype != jnp.uint8:
             raise TypeError(f"expected uint8 images, got {images.dtype}")
-        x = data.make_views(images, None, data_cfg, mean, std, train=False)[view]
+        x = data.make_views(images, None, data_spec, mean, std, train=False)[view]
         logits, _ = module.apply(variables, x, train=False)
         return logits.astype(jnp.float32)
 
@@ -202,9 +196,9 @@ def export_student(
         torch_layout.require_torch()
     workdir = pathlib.Path(workdir)
     student_dir = workdir / "student"
-    if not (student_dir / "network.json").exists():
+    if not rundir.has_network(workdir, "student"):
         raise ValueError(
-            f"{workdir} has no trained student ({student_dir / 'network.json'} is missing): pass the --workdir "
+            f"{workdir} has no trained student ({student_dir / rundir.NETWORK_FILE} is missing): pass the --workdir "
             "of a finished run that trains a student (a 'teacher' run has none)"
         )
     platforms = tuple(platforms)
@@ -215,15 +209,15 @@ def export_student(
             f"use a non-empty subset of {','.join(DEFAULT_PLATFORMS)}"
         )
     out = pathlib.Path(out_dir) if out_dir is not None else workdir / "export"
-    for p in (out, *out.absolute().parents):
-        if p.exists() and not p.is_dir():
-            raise ValueError(f"--out {str(out)!r} cannot be a folder: {p} is a file. Choose another --out")
+    blocked = rundir.file_in_the_way(out)
+    if blocked is not None:
+        raise ValueError(f"--out {str(out)!r} cannot be a folder: {blocked} is a file. Choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot make --out {str(out)!r} ({type(e).__name__}: {e.strerror or e}); choose a folder you can write to") from e
 
-    module, variables, meta = load_network(student_dir)
+    module, variables, meta = rundir.restore_network(student_dir)
     if torch_state_dict and meta["model"] not in torch_layout.LAYOUTS:
         raise ValueError(
             f"--torch_state_dict: the student {meta['model']!r} has no PyTorch layout yet (there are layouts for "

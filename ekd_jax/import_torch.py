@@ -32,7 +32,7 @@ import pathlib
 from typing import Sequence
 
 import ekd_jax  # noqa: F401  (applies the XLA CPU defaults before jax starts)
-from ekd_jax import torch_layout
+from ekd_jax import rundir, torch_layout
 
 # RepDistiller dataset/cifar100.py: the normalisation its CIFAR-100 teachers were trained with.
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
@@ -98,9 +98,9 @@ def import_checkpoint(
         raise ValueError(f"image_size={image_size!r} is not valid: a positive integer (pixels); fix --image_size")
     out = pathlib.Path(out)
     target = out / "teacher"
-    for p in (out, *out.absolute().parents):
-        if p.exists() and not p.is_dir():
-            raise ValueError(f"out={str(out)!r} is not valid: {p} is a file; fix --out")
+    blocked = rundir.file_in_the_way(out)
+    if blocked is not None:
+        raise ValueError(f"out={str(out)!r} is not valid: {blocked} is a file; fix --out")
     if target.exists() and not overwrite:
         raise ValueError(
             f"out={str(out)!r} is not valid: {target} already exists; choose another --out, or pass --overwrite to replace it"
@@ -115,38 +115,26 @@ def import_checkpoint(
     mean = _floats("mean", default_mean if mean is None else mean, channels)
     std = _floats("std", default_std if std is None else std, channels)
 
-    from ekd_jax import checkpoint as ckpt_lib, data, outputs
+    from ekd_jax import outputs
 
     input_shape = [image_size, image_size, channels]
-    meta = {  # the keys of a trained run's network.json (train._network_meta), then where it came from
-        "model": model,
-        "num_classes": info["num_classes"],
-        "class_names": None,
-        "input_shape": input_shape,
-        "raw_image_shape": input_shape,
-        "mean": mean,
-        "std": std,
-        "student_downsample": 1,
-        "lowres_mode": data.default_config().lowres_mode,
-        "dtype": "float32",
-        "data_source": None,
-        "imported_from": {
-            "file": str(path.absolute()),
-            "sha256": _sha256(path),
-            "layout": torch_layout.layout_for(model).name,
-            "state_dict_entry": entry,
-            "tensors": info["tensors"],
-            "ignored_keys": len(info["ignored"]),
-        },
-    }
+    # A trained run's network.json, then where it came from.
+    meta = rundir.network_meta(model, info["num_classes"], None, input_shape, input_shape, mean, std, imported_from={
+        "file": str(path.absolute()),
+        "sha256": _sha256(path),
+        "layout": torch_layout.layout_for(model).name,
+        "state_dict_entry": entry,
+        "tensors": info["tensors"],
+        "ignored_keys": len(info["ignored"]),
+    })
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"out={str(out)!r} is not valid: cannot make it ({e.strerror or e}); fix --out") from e
-    outputs.RunWriter(out).network("teacher", variables, meta)
+    rundir.save_network(target, variables, meta)
 
     # Read back as kd/fitnet/at will: the saved teacher must be exactly the converted one.
-    _, restored, _ = ckpt_lib.restore_network(target)
+    _, restored, _ = rundir.restore_network(target)
     digest = outputs.tree_sha256(restored)
     if digest != outputs.tree_sha256(variables):
         raise RuntimeError(f"{target} does not read back as written")

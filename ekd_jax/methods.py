@@ -18,57 +18,12 @@ import jax.numpy as jnp
 
 from ekd_jax import losses
 from ekd_jax.guided import resize_to
+from ekd_jax.spec import LossSpec
 
 sg = jax.lax.stop_gradient
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Loss hyperparameters (hashable: closed over by the jitted step). See configs/default.py."""
-
-    label_smoothing: float = 0.0
-    ce_weight: float = 1.0  # student CE weight (kd/fitnet/at/ekd)
-    alpha: float = 1.0  # logit KL weight (kd, ekd)
-    # tau 1 and gamma 1 (DML's two logit terms) and no mask: from the 900-step few-sample ablation
-    # (docs/results.md section 3), where tau 4, gamma 0 and the teacher-correct mask lost to vanilla.
-    tau: float = 1.0
-    beta: float = 1.0  # guided-module term weight (ekd)
-    stage_weights: tuple[float, ...] = ()  # per selected pair; empty = all 1
-    # Defaults below are set from the recorded ablation (docs/results.md), not from the paper.
-    feature_norm: bool = True  # L2-normalise each sample's map before the distance
-    feature_reduction: str = "sum"  # 'mean' over elements or 'sum' per sample
-    # What of the stage maps the guided term compares: "map" = the maps themselves (D above);
-    # "relation" = each batch's row-normalised similarity matrix of the maps (similarity-preserving
-    # KD: which samples the network finds alike), losses.relation_distance; feature_norm is applied first.
-    feature_kind: str = "map"
-    gamma: float = 1.0  # ekd co-evolution: teacher also learns KL(student -> teacher)
-    coevolution: bool = False  # remove the stop-gradient on the teacher side of student terms
-    # Fractions of the student's training: no transfer before ramp_start, weight 0 -> 1 over
-    # ramp_length. 0/0 = full weight from the student's first step: the default teacher head start
-    # (config teacher.head_start) is what puts the teacher ahead before the student imitates it.
-    ramp_start: float = 0.0
-    ramp_length: float = 0.0
-    ramp_shape: str = "linear"  # 'linear' or 'sigmoid' (exp(-5 (1-t)^2))
-    # The logit (KD) term's own schedule; negative = the ramp above (both terms on one schedule).
-    # (A number, not None, so that --config.loss.kd_ramp_start=0 works on the command line.)
-    kd_ramp_start: float = -1.0
-    kd_ramp_length: float = -1.0
-    # Per-sample transfer weight: "none" (1), "teacher_correct" (1 where the teacher's top-1 is right,
-    # else 0) or "teacher_ahead" (max(0, p_T(y) - p_S(y)): how much more probability the teacher
-    # puts on the true label than the student, so a teacher no better than the student transfers nothing).
-    transfer_mask: str = "none"
-    # How a masked term averages (losses.weighted_mean): "kept" = over the samples the mask keeps,
-    # sum(w x) / max(sum(w), 1), so the mask picks which samples transfer and the term's weight does
-    # not move with the teacher's batch accuracy; "batch" = over the whole batch (as before the switch).
-    mask_mean: str = "kept"
-    dml_weight: float = 1.0
-    dml_tau: float = 1.0
-    fitnet_weight: float = 100.0
-    at_weight: float = 1000.0
-    at_p: float = 2.0
-
-
-def transfer_weight(cfg: LossConfig, progress: jax.Array, term: str = "features") -> jax.Array:
+def transfer_weight(cfg: LossSpec, progress: jax.Array, term: str = "features") -> jax.Array:
     """Weight in [0, 1] of a transfer term ('features' or 'kd') at training progress in [0, 1]."""
     start, length = cfg.ramp_start, cfg.ramp_length
     if term == "kd":
@@ -94,7 +49,7 @@ class Outputs:
     guide: dict | None = None  # GuidedModules output
 
 
-LossFn = Callable[[Outputs, LossConfig, jax.Array], dict[str, jax.Array]]
+LossFn = Callable[[Outputs, LossSpec, jax.Array], dict[str, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +69,7 @@ class Method:
         return self.teacher_trainable and self.runs_student
 
 
-def _mask(cfg: LossConfig, o: Outputs):
+def _mask(cfg: LossSpec, o: Outputs):
     """Per-sample transfer weights (N,) or None; never differentiated (a weight, not a target)."""
     if cfg.transfer_mask == "none":
         return None
@@ -127,7 +82,7 @@ def _mask(cfg: LossConfig, o: Outputs):
     return (jnp.argmax(sg(o.teacher_logits), -1) == o.labels).astype(jnp.float32)
 
 
-def _stage_weights(cfg: LossConfig, n: int) -> tuple[float, ...]:
+def _stage_weights(cfg: LossSpec, n: int) -> tuple[float, ...]:
     return cfg.stage_weights if cfg.stage_weights else (1.0,) * n
 
 
@@ -217,16 +172,24 @@ def _ekd(o, cfg, progress):
     return terms
 
 
+def _method(name, loss, description, *, teacher=False, teacher_learns=False, student=True, frozen_teacher=False,
+            guide=None) -> Method:
+    return Method(name=name, runs_teacher=teacher, teacher_trainable=teacher_learns, runs_student=student,
+                  needs_teacher_checkpoint=frozen_teacher, guide=guide, loss=loss, description=description)
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("vanilla", False, False, True, False, None, _vanilla, "student alone, CE"),
-        Method("teacher", True, True, False, False, None, _teacher, "teacher alone, CE"),
-        Method("kd", True, False, True, True, None, _kd, "Hinton KD from a frozen teacher checkpoint"),
-        Method("fitnet", True, False, True, True, "adapter_hint", _fitnet, "FitNet hint on one stage, frozen teacher"),
-        Method("at", True, False, True, True, None, _at, "attention transfer on all stage pairs, frozen teacher"),
-        Method("dml", True, True, True, False, None, _dml, "deep mutual learning, both online"),
-        Method("ekd", True, True, True, False, "config", _ekd, "evolutionary KD: online teacher + guided modules"),
+        _method("vanilla", _vanilla, "student alone, CE"),
+        _method("teacher", _teacher, "teacher alone, CE", teacher=True, teacher_learns=True, student=False),
+        _method("kd", _kd, "Hinton KD from a frozen teacher checkpoint", teacher=True, frozen_teacher=True),
+        _method("fitnet", _fitnet, "FitNet hint on one stage, frozen teacher", teacher=True, frozen_teacher=True,
+                guide="adapter_hint"),
+        _method("at", _at, "attention transfer on all stage pairs, frozen teacher", teacher=True, frozen_teacher=True),
+        _method("dml", _dml, "deep mutual learning, both online", teacher=True, teacher_learns=True),
+        _method("ekd", _ekd, "evolutionary KD: online teacher + guided modules", teacher=True, teacher_learns=True,
+                guide="config"),
     ]
 }
 

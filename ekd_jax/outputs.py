@@ -17,10 +17,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from ekd_jax import checkpoint, distributed
-
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
+from ekd_jax import distributed, rundir
+from ekd_jax.rundir import METRICS_FILE
 
 
 def tree_sha256(tree: Any) -> str:
@@ -126,12 +124,8 @@ class RunWriter:
     def network(self, which: str, variables: Any, meta: dict) -> None:
         """``<workdir>/<which>/``: one network alone (variables + network.json), for deployment,
         evaluation or use as a frozen teacher."""
-        if not self.enabled:
-            return
-        directory = self.workdir / which
-        directory.mkdir(parents=True, exist_ok=True)
-        checkpoint.save_network(directory, variables)
-        (directory / "network.json").write_text(json.dumps(meta, indent=1))
+        if self.enabled:
+            rundir.save_network(self.workdir / which, variables, meta)
 
     def finish(self, summary: dict) -> None:
         """curves.png and summary.json (written last: its presence marks a finished run)."""
@@ -139,4 +133,4 @@ class RunWriter:
             return
         if self.records:
             plot_curves(self.records, self.workdir / "curves.png")
-        (self.workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        rundir.write_summary(self.workdir, summary)

@@ -14,12 +14,12 @@ import optax
 from ekd_jax.methods import get_method
 
 
-def make_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+def make_schedule(spec, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     """Learning-rate schedule over ``total_steps`` optimizer steps: multistep, cosine or constant,
     after an optional linear warm-up from 0 over ``schedule.warmup_epochs`` (the same warm-up for
     every shape: optax's ``warmup_cosine_decay_schedule`` for cosine, and its linear ramp joined
     to the others). Multistep milestones stay at their fractions of the whole run."""
-    s, lr = config.schedule, float(config.optimizer.learning_rate)
+    s, lr = spec.schedule, float(spec.optimizer.learning_rate)
     warmup = int(round(float(s.warmup_epochs) * steps_per_epoch))
     if warmup >= total_steps:
         raise ValueError(
@@ -42,10 +42,8 @@ def make_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Sched
                 f"the warm-up ({warmup} steps); shorten schedule.warmup_epochs"
             )
         main = optax.piecewise_constant_schedule(lr, {b - warmup: float(s.decay_factor) for b in steps})
-    elif s.name == "constant":
+    else:  # constant (the spec allows nothing else)
         main = optax.constant_schedule(lr)
-    else:
-        raise ValueError(f"unknown schedule.name {s.name!r}; use 'multistep', 'cosine' or 'constant'")
     if warmup <= 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
@@ -63,12 +61,9 @@ class HeadStart:
     steps_per_epoch: int
 
     @classmethod
-    def from_config(cls, config, steps_per_epoch: int) -> "HeadStart":
-        h = float(config.teacher.head_start)
-        if not h >= 0.0:
-            raise ValueError(f"teacher.head_start={h} must be >= 0 (a fraction of num_epochs; 0 = no head start)")
-        online = get_method(config.method).online_teacher
-        return cls(int(round(h * config.num_epochs)) if online else 0, int(steps_per_epoch))
+    def of(cls, spec, steps_per_epoch: int) -> "HeadStart":
+        online = get_method(spec.method).online_teacher
+        return cls(int(round(float(spec.teacher.head_start) * spec.num_epochs)) if online else 0, int(steps_per_epoch))
 
     @property
     def steps(self) -> int:

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import optax
 
 from ekd_jax import evaluation, losses, parallel
-from ekd_jax.config import LOSS_CHOICES
-from ekd_jax.guided import GUIDE_KINDS, GuidedModules, select_pairs
-from ekd_jax.methods import LossConfig, Method, Outputs, get_method, total_loss
-from ekd_jax.models import STAGE_SLICE, create_model
+from ekd_jax.guided import GuidedModules, select_pairs
+from ekd_jax.methods import Method, Outputs, get_method, total_loss
+from ekd_jax.models import DTYPES, STAGE_SLICE, create_model
+from ekd_jax.spec import LossSpec
 
 GROUPS = ("teacher", "student", "guide")
 # views(images_uint8, key, train) -> (teacher_x, student_x), jit-traceable.
@@ -48,7 +48,7 @@ class Networks:
     student: nn.Module
     guides: GuidedModules | None
     pairs: tuple[tuple[int, int], ...]  # (student_stage, teacher_stage) used by guides / AT
-    loss_cfg: LossConfig
+    loss_cfg: LossSpec
     views: ViewFn
     total_steps: int
     teacher_input_shape: tuple[int, int, int]
@@ -72,7 +72,7 @@ def _feature_shapes(model, input_shape, dtype=jnp.float32):
 
 
 def build_networks(
-    config,
+    spec,
     num_classes: int,
     teacher_input_shape,
     student_input_shape,
@@ -80,53 +80,27 @@ def build_networks(
     total_steps: int,
     student_start: int = 0,
 ) -> Networks:
-    """Validates the method/model/stage choices and builds the modules (nothing compiled yet)."""
-    method = get_method(config.method)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
-    if dtype is None:
-        raise ValueError(f"unknown dtype {config.dtype!r}; use 'float32' or 'bfloat16'")
-    if method.needs_teacher_checkpoint and not config.teacher.checkpoint:
-        raise ValueError(
-            f"method {method.name!r} distils from a frozen, trained teacher: set "
-            f"--config.teacher.checkpoint=<workdir of a finished 'teacher' run>"
-        )
-    if student_start < 0:
-        raise ValueError(f"teacher.head_start must be >= 0, got a head start of {student_start} steps")
-    if student_start and not method.online_teacher:
-        raise ValueError(
-            f"a teacher head start needs a teacher that learns online next to the student "
-            f"(methods 'ekd', 'dml'); method {method.name!r} has none"
-        )
-    teacher = create_model(config.teacher.model, num_classes, dtype=dtype)
-    student = create_model(config.student.model, num_classes, dtype=dtype)
+    """The modules of a run (nothing compiled yet), from its validated :class:`ekd_jax.spec.Spec`.
+    (``ekd_jax.build.build`` calls this with the data's facts; it is the one place that does.)"""
+    method = get_method(spec.method)
+    dtype = DTYPES[spec.dtype]
+    teacher = create_model(spec.teacher.model, num_classes, dtype=dtype)
+    student = create_model(spec.student.model, num_classes, dtype=dtype)
     t_stages = _feature_shapes(teacher, teacher_input_shape)[STAGE_SLICE]
     s_stages = _feature_shapes(student, student_input_shape)[STAGE_SLICE]
-    loss_cfg = LossConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.loss.items()})
-    for name, valid in LOSS_CHOICES.items():
-        if getattr(loss_cfg, name) not in valid:
-            raise ValueError(f"loss.{name}={getattr(loss_cfg, name)!r} is not valid; use one of {valid}")
 
     guides, pairs = None, ()
     if method.guide == "config" or method.name == "at":
-        pairs = tuple(select_pairs(len(s_stages), len(t_stages), tuple(config.guided.stages)))
+        pairs = tuple(select_pairs(len(s_stages), len(t_stages), spec.guided.stages))
     if method.guide == "adapter_hint":
-        hint = config.guided.hint_stage
-        pairs = tuple(select_pairs(len(s_stages), len(t_stages), (hint,)))
+        pairs = tuple(select_pairs(len(s_stages), len(t_stages), (spec.guided.hint_stage,)))
     if method.guide is not None:
-        kind = "adapter" if method.guide == "adapter_hint" else config.guided.type
-        if kind not in GUIDE_KINDS:
-            raise ValueError(f"unknown guided module kind guided.type={kind!r}; use one of {GUIDE_KINDS}")
-        if method.guide == "config" and loss_cfg.stage_weights and len(loss_cfg.stage_weights) != len(pairs):
-            raise ValueError(
-                f"loss.stage_weights has {len(loss_cfg.stage_weights)} entries but {len(pairs)} stage "
-                f"pairs are used ({list(pairs)}); give one weight per pair"
-            )
         guides = GuidedModules(
-            kind=kind,
+            kind="adapter" if method.guide == "adapter_hint" else spec.guided.type,
             teacher_shapes=tuple(t_stages[t] for _, t in pairs),
             num_classes=num_classes,
             dtype=dtype,
-            teacher_backbone_grad=bool(config.guided.aux_teacher_backbone_grad),
+            teacher_backbone_grad=bool(spec.guided.aux_teacher_backbone_grad),
         )
     return Networks(
         method=method,
@@ -134,7 +108,7 @@ def build_networks(
         student=student,
         guides=guides,
         pairs=pairs,
-        loss_cfg=loss_cfg,
+        loss_cfg=spec.loss,
         views=views,
         total_steps=int(total_steps),
         student_start=int(student_start),

@@ -261,6 +261,11 @@ def layout_for(model: str) -> Layout:
 # --------------------------------------------------------------------------- entries
 
 
+# Flax -> PyTorch axis order of a kernel: conv HWIO -> OIHW, linear (in, out) -> (out, in); the way back
+# is the inverse permutation. Other entries (BatchNorm vectors) keep their axes.
+_TORCH_AXES = {"conv": (3, 2, 0, 1), "linear": (1, 0)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One PyTorch tensor and the Flax leaf it is (``kind``: how the two shapes relate)."""
@@ -273,30 +278,24 @@ class Entry:
 
     @property
     def torch_shape(self) -> tuple[int, ...]:
-        s = self.flax_shape
-        if self.kind == "conv":
-            return (s[3], s[2], s[0], s[1])
-        if self.kind == "linear":
-            return (s[1], s[0])
-        return s
+        axes = _TORCH_AXES.get(self.kind)
+        return self.flax_shape if axes is None else tuple(self.flax_shape[i] for i in axes)
+
+
+def _transposed(entry: Entry, value: np.ndarray, to_torch: bool) -> np.ndarray:
+    a = np.asarray(value)
+    axes = _TORCH_AXES.get(entry.kind)
+    if axes is not None:
+        a = a.transpose(axes if to_torch else tuple(np.argsort(axes)))
+    return np.ascontiguousarray(a)
 
 
 def to_torch_array(entry: Entry, value: np.ndarray) -> np.ndarray:
-    a = np.asarray(value)
-    if entry.kind == "conv":
-        a = a.transpose(3, 2, 0, 1)
-    elif entry.kind == "linear":
-        a = a.T
-    return np.ascontiguousarray(a)
+    return _transposed(entry, value, to_torch=True)
 
 
 def to_flax_array(entry: Entry, value: np.ndarray) -> np.ndarray:
-    a = np.asarray(value)
-    if entry.kind == "conv":
-        a = a.transpose(2, 3, 1, 0)
-    elif entry.kind == "linear":
-        a = a.T
-    return np.ascontiguousarray(a)
+    return _transposed(entry, value, to_torch=False)
 
 
 @functools.lru_cache(maxsize=64)

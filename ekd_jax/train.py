@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 import sys
@@ -32,13 +31,12 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 
-from ekd_jax import checkpoint, data, distributed, evaluation, interrupt, outputs, parallel, step
-from ekd_jax import config as config_lib
+from ekd_jax import checkpoint, data, distributed, evaluation, interrupt, outputs, parallel, rundir, step
+from ekd_jax.build import Built, DataFacts, build
 from ekd_jax.outputs import tree_sha256
-from ekd_jax.methods import get_method
-from ekd_jax.schedules import HeadStart, make_schedule
+from ekd_jax.spec import Spec
+from ekd_jax.spec.validate import validate
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,22 +47,28 @@ class NonFiniteLossError(RuntimeError):
 class Run:
     """What :func:`set_up` builds once for a run."""
 
-    config: Any
-    config_json: dict
+    spec: Spec
     workdir: pathlib.Path
-    ds: data.Dataset
+    ds: Any  # the data source (ekd_jax.data.load)
     mesh: Any
-    nets: step.Networks
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule  # the student's (and guides'; the teacher's too without a head start)
-    teacher_schedule: optax.Schedule | None  # the teacher's own, over the longer run, with a head start
-    head: HeadStart
-    steps_per_epoch: int
+    built: Built
+
+    @functools.cached_property
+    def config_json(self) -> dict:
+        """The run's options as stored with its checkpoints and in summary.json."""
+        return self.spec.to_json()
+
+    nets = property(lambda self: self.built.nets)
+    tx = property(lambda self: self.built.tx)
+    schedule = property(lambda self: self.built.schedule)
+    teacher_schedule = property(lambda self: self.built.teacher_schedule)
+    head = property(lambda self: self.built.head)
+    steps_per_epoch = property(lambda self: self.built.steps_per_epoch)
 
     @property
     def num_epochs(self) -> int:
         """The run's epochs: the teacher's head start, then the student's num_epochs."""
-        return self.head.epochs + self.config.num_epochs
+        return self.head.epochs + self.spec.num_epochs
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -77,13 +81,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with interrupt.StopSignals() as stop:
         run = set_up(config, workdir)
         stop.mesh = run.mesh
-        with checkpoint.Checkpointer(run.workdir, keep=config.checkpoint_keep, async_save=config.async_checkpoint) as ckpt, \
+        spec = run.spec
+        with checkpoint.Checkpointer(run.workdir, keep=spec.checkpoint_keep, async_save=spec.async_checkpoint) as ckpt, \
                 outputs.RunWriter(run.workdir, enabled=distributed.is_primary()) as out:
             state, start, best = restore(run, ckpt, out)
             out.resume(start.epoch)
-            steps = step.compile_steps(run.nets, run.tx, run.mesh)
+            steps = run.built.compile(run.mesh)
             # Every program now, so that one that cannot compile (or fit) fails before any training.
-            steps.precompile(state, config.batch_size, config.eval_batch_size, run.ds.image_shape)
+            steps.precompile(state, spec.batch_size, spec.eval_batch_size, run.ds.image_shape)
             out.message(describe(run))
             stop.phase = "training"
             state, best = run_epochs(run, state, start, best, steps, ckpt, out, stop)
@@ -95,74 +100,39 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def set_up(config, workdir: str) -> Run:
-    """Validates the config, the workdir (and a stored run in it), the data and the networks
-    before anything is compiled; builds networks, optimizer and schedules."""
-    distributed.agree(config_lib.validate, config)
-    workdir = prepare_workdir(workdir)
-    config_json = json.loads(config.to_json_best_effort())
+    """Validates the config (into the run's spec), the workdir (and a stored run in it), the data and
+    the networks before anything is compiled; builds networks, optimizer and schedules."""
+    spec = distributed.agree(validate, config)
+    workdir = rundir.prepare(workdir)
     with checkpoint.Checkpointer(workdir) as ckpt:  # the stored run's meta only: nothing built yet
         stored = ckpt.newest_meta()
     if stored is not None:
-        distributed.agree(refuse_other_run, workdir, stored, config_json)
-    ds = load_dataset(config.data)
+        distributed.agree(rundir.refuse_other_run, workdir, stored, spec.to_json())
+    ds = load_data(spec.data)
     mesh = parallel.make_mesh()
-    return distributed.agree(_build, config, config_json, workdir, ds, mesh)
+    return distributed.agree(_build, spec, workdir, ds, mesh)
 
 
-def prepare_workdir(workdir: str) -> pathlib.Path:
-    """The workdir, made and proven writable by process 0; every other process then checks that
-    it sees the same folder (it must be on a filesystem all hosts share: they all write checkpoints)."""
-    if distributed.process_count() == 1:
-        return config_lib.prepare_workdir(workdir)
-
-    def prepare() -> pathlib.Path:
-        if distributed.is_primary():
-            return config_lib.prepare_workdir(workdir)
-        path = pathlib.Path(workdir).expanduser().absolute()
-        if not path.is_dir():
-            raise ValueError(
-                f"--workdir {str(workdir)!r}: process {distributed.process_index()} does not see the folder "
-                f"process 0 made ({path}); every process needs the same --workdir on a filesystem all hosts share"
-            )
-        return path
-
-    return distributed.primary_first(prepare)
+def load_data(d):
+    """The data source on every process (agreed: a file missing on one host stops all). A TFDS source
+    is prepared by process 0 first, so that processes sharing its data_dir never prepare it at once."""
+    if d.kind == "tfds":
+        return distributed.primary_first(data.load, d)
+    return distributed.agree(data.load, d)
 
 
-def load_dataset(cfg) -> data.Dataset:
-    """The dataset on every process (agreed: a file missing on one host stops all). A TFDS source is
-    prepared by process 0 first, so that processes sharing its data_dir never prepare it at once."""
-    if str(cfg.source).startswith("tfds:"):
-        return distributed.primary_first(data.load_dataset, cfg)
-    return distributed.agree(data.load_dataset, cfg)
-
-
-def _build(config, config_json: dict, workdir: pathlib.Path, ds: data.Dataset, mesh) -> Run:
+def _build(spec: Spec, workdir: pathlib.Path, ds, mesh) -> Run:
     """Checks the batch sizes against the mesh, then builds networks, optimizer and schedules."""
-    parallel.check_batch_size(config.batch_size, mesh)
-    parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    spe = data.steps_per_epoch(ds.train_size, config.batch_size)
-    head = HeadStart.from_config(config, spe)
-    student_steps = spe * config.num_epochs
-    t_shape = tuple(data.teacher_input_shape(config.data, ds.image_shape))
-    s_shape = tuple(data.student_input_shape(config.data, ds.image_shape))
-    views = functools.partial(_views, cfg=config.data, mean=ds.mean, std=ds.std)
-    if get_method(config.method).needs_teacher_checkpoint:
-        _check_frozen_teacher(config, ds, t_shape)
-    nets = step.build_networks(config, ds.num_classes, t_shape, s_shape, views, student_steps, head.steps)
-    schedule = make_schedule(config, spe, student_steps)
-    teacher_schedule = make_schedule(config, spe, head.steps + student_steps) if head.epochs else None
-    o = config.optimizer
-    tx = step.make_optimizer(nets, schedule, o.momentum, o.weight_decay, o.nesterov, teacher_learning_rate=teacher_schedule)
-    return Run(config, config_json, workdir, ds, mesh, nets, tx, schedule, teacher_schedule, head, spe)
-
-
-def _views(images, key, train, *, cfg, mean, std):
-    return data.make_views(images, key, cfg, mean, std, train)
+    parallel.check_batch_size(spec.batch_size, mesh)
+    parallel.check_batch_size(spec.eval_batch_size, mesh, "eval_batch_size")
+    built = build(spec, DataFacts.of(ds))
+    if built.nets.method.needs_teacher_checkpoint:
+        _check_frozen_teacher(spec, ds, built.nets.teacher_input_shape)
+    return Run(spec, workdir, ds, mesh, built)
 
 
 def describe(run: Run) -> str:
-    c, ds = run.config, run.ds
+    c, ds = run.spec, run.ds
     return (
         f"{run.nets.method.name}: teacher {c.teacher.model} {list(run.nets.teacher_input_shape)} -> student "
         f"{c.student.model} {list(run.nets.student_input_shape)} | {c.data.source}: {ds.train_size} train / "
@@ -193,14 +163,14 @@ def restore(run: Run, ckpt: checkpoint.Checkpointer, out: outputs.RunWriter):
     The stored run's config is compared with this one before its state is read: a workdir of
     another run is refused, naming the keys, and its checkpoints stay where they are.
     """
-    state = step.init_state(run.nets, run.tx, run.config.seed, run.mesh)
+    state = run.built.init_state(run.spec.seed, run.mesh)
     if run.nets.method.needs_teacher_checkpoint:
         state = _load_frozen_teacher(run, state)
 
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(run.mesh)), state
     )
-    restored = ckpt.restore_latest(abstract, check_meta=functools.partial(refuse_other_run, run.workdir, current=run.config_json))
+    restored = ckpt.restore_latest(abstract, check_meta=functools.partial(rundir.refuse_other_run, run.workdir, current=run.config_json))
     if restored is None:
         return state, Start(), {"student/top1": -1.0, "epoch": -1}
     state, meta = restored
@@ -216,35 +186,25 @@ def restore(run: Run, ckpt: checkpoint.Checkpointer, out: outputs.RunWriter):
     return state, Start(partial["epoch"], len(history), history), meta["best"]
 
 
-def refuse_other_run(workdir, meta: dict, current: dict) -> None:
-    """A workdir whose checkpoints were written under another config is refused, naming the keys."""
-    diff = config_lib.config_difference(meta.get("config", current), current)
-    if diff:
-        raise ValueError(
-            f"{workdir} holds checkpoints of a run with a different config (differs in {', '.join(diff)}); "
-            "resume with the same config, or use a new --workdir"
-        )
-
-
-def _check_frozen_teacher(config, ds: data.Dataset, input_shape) -> None:
-    """The frozen teacher's class count and input shape against this data (config.validate has
-    checked that teacher.checkpoint holds a finished teacher of teacher.model)."""
-    meta = json.loads((pathlib.Path(config.teacher.checkpoint) / "teacher" / "network.json").read_text())
+def _check_frozen_teacher(spec: Spec, ds, input_shape) -> None:
+    """The frozen teacher's class count and input shape against this data (the spec has checked
+    that teacher.checkpoint holds a finished teacher of teacher.model)."""
+    meta = rundir.read_network_meta(pathlib.Path(spec.teacher.checkpoint) / "teacher")
     if meta["num_classes"] != ds.num_classes or tuple(meta["input_shape"]) != tuple(input_shape):
         raise ValueError(
-            f"teacher.checkpoint={config.teacher.checkpoint!r} holds a teacher trained for {meta['num_classes']} classes "
+            f"teacher.checkpoint={spec.teacher.checkpoint!r} holds a teacher trained for {meta['num_classes']} classes "
             f"at input {meta['input_shape']}, but this data gives {ds.num_classes} classes at {list(input_shape)}; "
             "fix --config.teacher.checkpoint (a teacher trained on this data) or the data options"
         )
 
 
 def _load_frozen_teacher(run: Run, state: step.JointState) -> step.JointState:
-    src = pathlib.Path(run.config.teacher.checkpoint)
+    src = pathlib.Path(run.spec.teacher.checkpoint)
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(run.mesh)),
         _network(state, "teacher"),
     )
-    variables = checkpoint.load_network(src / "teacher", abstract)
+    _, variables, _ = rundir.restore_network(src / "teacher", abstract)
     return state.replace(
         params={**state.params, "teacher": variables["params"]},
         batch_stats={**state.batch_stats, "teacher": variables["batch_stats"]},
@@ -267,7 +227,7 @@ def run_epochs(run: Run, state, start: Start, best: dict, steps: step.Steps, ckp
         train_s = time.time() - t0
         # The steps of an epoch resumed mid-way ran in train_s: its speed is theirs.
         rec = epoch_record(run, epoch, history, train_s, timed_steps=len(history) - resumed.index)
-        if (epoch + 1) % run.config.eval_every_epochs == 0 or epoch + 1 == run.num_epochs:
+        if (epoch + 1) % run.spec.eval_every_epochs == 0 or epoch + 1 == run.num_epochs:
             rec.update(evaluate(run, state, steps.eval, waiting=run.head.waiting(epoch)))
         if ranked in rec and rec[ranked] > best["student/top1"]:
             best = {"student/top1": rec[ranked], "epoch": epoch}
@@ -281,7 +241,7 @@ def run_epochs(run: Run, state, start: Start, best: dict, steps: step.Steps, ckp
 def train_epoch(run: Run, state, epoch: int, train_step, out, start: Start | None = None, stop=None):
     """One epoch of steps from ``start.index``; checks the loss terms are finite at every log point.
     Returns (state, metrics per step); fewer than the epoch's steps when ``stop`` said to stop."""
-    spe, every, size = run.steps_per_epoch, run.config.log_every_steps, run.config.batch_size
+    spe, every, size = run.steps_per_epoch, run.spec.log_every_steps, run.spec.batch_size
     start = start or Start(epoch)
     rows = parallel.process_rows(run.mesh, size)  # this process's share of every global batch
     history: list[dict] = list(start.history)
@@ -290,7 +250,7 @@ def train_epoch(run: Run, state, epoch: int, train_step, out, start: Start | Non
         if stop is not None and stop.poll():
             break
         gstep = epoch * spe + i
-        x, y = data.train_batch(run.ds, size, run.config.seed, gstep, rows)
+        x, y = run.ds.train_batch(size, run.spec.seed, gstep, rows)
         state, m = train_step(state, parallel.global_batch({"image": x, "label": y}, run.mesh, size), gstep)
         history.append(m)
         progress.update()
@@ -337,14 +297,16 @@ def epoch_record(run: Run, epoch: int, history: list[dict], train_s: float, time
         rec["teacher_lr"] = float(run.teacher_schedule(last))
     rec.update({f"train/{k}": float(np.mean([h[k] for h in history])) for k in history[0]})
     timed_steps = run.steps_per_epoch if timed_steps is None else timed_steps
-    rec["images_per_s"] = timed_steps * run.config.batch_size / train_s
+    rec["images_per_s"] = timed_steps * run.spec.batch_size / train_s
     return rec
 
 
 def evaluate(run: Run, state, eval_step, waiting: bool = False) -> dict[str, float]:
     """Test top-1/top-5/loss of both networks (the shared evaluation path); a student still
     waiting for the teacher's head start is not scored."""
-    totals = evaluation.accumulate(eval_step, state, run.ds.x_test, run.ds.y_test, run.config.eval_batch_size, run.mesh)
+    size = run.spec.eval_batch_size
+    batches = run.ds.eval_batches(size, parallel.process_rows(run.mesh, size))  # this process's rows of each
+    totals = evaluation.accumulate(eval_step, state, batches, size, run.mesh)
     return {k: v for k, v in evaluation.means(totals).items() if not (waiting and k.startswith("student/"))}
 
 
@@ -382,20 +344,20 @@ class _Progress:
 def finish(run: Run, state, best: dict, out: outputs.RunWriter, wall_s: float) -> dict:
     """Writes student/ and teacher/ (each network alone), curves.png and summary.json (process 0);
     returns the summary (on every process)."""
-    config, ds, nets = run.config, run.ds, run.nets
+    spec, ds, nets = run.spec, run.ds, run.nets
     for which, runs in (("student", nets.method.runs_student), ("teacher", nets.method.runs_teacher)):
         if runs:
             shape = nets.student_input_shape if which == "student" else nets.teacher_input_shape
             out.network(which, jax.device_get(_network(state, which)), _network_meta(run, which, shape))
     final = out.records[-1] if out.records else {}
     # Convergence: the student's test top-1 over the last tenth of its epochs (flat = converged).
-    tail_from = run.num_epochs - max(1, math.ceil(config.num_epochs / 10))
+    tail_from = run.num_epochs - max(1, math.ceil(spec.num_epochs / 10))
     tail = [r["student/top1"] for r in out.records if "student/top1" in r and r["epoch"] >= tail_from]
     summary = {
         "method": nets.method.name,
-        "teacher_model": config.teacher.model,
-        "student_model": config.student.model,
-        "data_source": config.data.source,
+        "teacher_model": spec.teacher.model,
+        "student_model": spec.student.model,
+        "data_source": spec.data.source,
         "train_size": ds.train_size,
         "test_size": ds.test_size,
         "num_classes": ds.num_classes,
@@ -403,7 +365,7 @@ def finish(run: Run, state, best: dict, out: outputs.RunWriter, wall_s: float) -
         "student_input_shape": list(nets.student_input_shape),
         "num_devices": int(run.mesh.devices.size),
         "num_processes": jax.process_count(),
-        "epochs": config.num_epochs,
+        "epochs": spec.num_epochs,
         "teacher_head_start_epochs": run.head.epochs,
         "steps": int(state.step),
         "teacher_top1": final.get("teacher/top1"),
@@ -432,17 +394,9 @@ def _network(state: step.JointState, which: str) -> dict:
 
 
 def _network_meta(run: Run, which: str, input_shape) -> dict:
-    config, ds = run.config, run.ds
-    return {
-        "model": config[which].model,
-        "num_classes": ds.num_classes,
-        "class_names": list(ds.class_names) if ds.class_names else None,
-        "input_shape": list(input_shape),  # what the network receives
-        "raw_image_shape": list(ds.image_shape),  # what the data source yields (uint8)
-        "mean": list(ds.mean),
-        "std": list(ds.std),
-        "student_downsample": int(config.data.student_downsample) if which == "student" else 1,
-        "lowres_mode": config.data.lowres_mode,
-        "dtype": config.dtype,
-        "data_source": config.data.source,
-    }
+    d, ds = run.spec.data, run.ds
+    return rundir.network_meta(
+        run.spec.network(which).model, ds.num_classes, ds.class_names, input_shape, ds.image_shape, ds.mean, ds.std,
+        student_downsample=d.student_downsample if which == "student" else 1, lowres_mode=d.lowres_mode,
+        dtype=run.spec.dtype, data_source=d.source,
+    )

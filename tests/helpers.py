@@ -1,12 +1,13 @@
 """Small builders shared by the tests: a tiny config and a joint state without any dataset."""
 
-import functools
-
 import jax
 import numpy as np
 
-from ekd_jax import data, parallel, step
+from ekd_jax import build as build_lib
+from ekd_jax import parallel, step
+from ekd_jax.build import DataFacts
 from ekd_jax.config import base_config
+from ekd_jax.spec.validate import validate
 
 # Why the PyTorch bridge's tests skip where torch is absent: the test set (requirements.txt) leaves it out,
 # because PyPI's torch on Linux is the multi-GB CUDA build. CI installs the CPU build (.ci/run).
@@ -21,32 +22,33 @@ def tiny_config(method="ekd", **overrides):
     c.student.model = "resnet8"
     c.batch_size = 8
     c.num_epochs = 1
-    # Transfer from the first step on every sample (the defaults wait for half of training and
-    # distil only what the teacher gets right), so that every
-    # term is exercised by a few steps.
+    c.schedule.name = "constant"  # a step's update does not depend on where in training it is
+    # Transfer from the first step on every sample (the defaults' mask and ramps would leave terms
+    # unexercised by a few steps of an untrained teacher).
     c.loss.ramp_start, c.loss.ramp_length = 0.0, 0.0
     c.loss.transfer_mask = "none"  # an untrained teacher is right on almost no fake sample
     if method in ("kd", "fitnet", "at"):
-        c.teacher.checkpoint = "unused-by-step-tests"
+        c.teacher.checkpoint = "unused-by-step-tests"  # the state's teacher stays the random one
     c.update_from_flattened_dict(overrides)
     return c
 
 
-def build(config, image_shape=(8, 8, 3), num_classes=5, total_steps=10, mesh=None, student_start=0, teacher_lr=None):
-    """(nets, tx, state, mesh) for a synthetic dataset; no data loading, no checkpoint."""
+def build(config, image_shape=(8, 8, 3), num_classes=5, total_steps=10, mesh=None, student_start=0):
+    """(nets, tx, state, mesh) for a synthetic dataset, through the one build (``ekd_jax.build``): one
+    step per epoch, ``total_steps`` student steps after a head start of ``student_start`` steps; no data
+    loading, no checkpoint."""
     mesh = mesh or parallel.make_mesh()
-    mean, std = (0.5,) * image_shape[-1], (0.25,) * image_shape[-1]
-    views = functools.partial(_views, cfg=config.data, mean=mean, std=std)
-    t_shape = tuple(data.teacher_input_shape(config.data, image_shape))
-    s_shape = tuple(data.student_input_shape(config.data, image_shape))
-    nets = step.build_networks(config, num_classes, t_shape, s_shape, views, total_steps, student_start)
-    tx = step.make_optimizer(nets, config.optimizer.learning_rate, 0.9, 5e-4, teacher_learning_rate=teacher_lr)
-    state = step.init_state(nets, tx, config.seed, mesh)
-    return nets, tx, state, mesh
-
-
-def _views(images, key, train, *, cfg, mean, std):
-    return data.make_views(images, key, cfg, mean, std, train)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.num_epochs = total_steps
+        if student_start:
+            config.teacher.head_start = student_start / total_steps
+    spec = validate(config, check_files=False)  # the teacher checkpoint is never read here
+    c = image_shape[-1]
+    built = build_lib.build(spec, DataFacts(num_classes, tuple(image_shape), spec.batch_size, (0.5,) * c, (0.25,) * c))
+    assert not student_start or built.nets.student_start == student_start
+    state = built.init_state(spec.seed, mesh)
+    return built.nets, built.tx, state, mesh
 
 
 def fake_batch(step_index, batch_size=8, image_shape=(8, 8, 3), num_classes=5):

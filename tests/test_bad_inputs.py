@@ -483,14 +483,14 @@ def test_bad_input_is_refused_in_one_line(name, tmp_path):
 def test_bad_config_value_is_refused_by_validate(name, tmp_path):
     """The same contract for the rest of the config values, in-process: config.validate raises
     one ValueError line naming the option (cli.run prints it as ``error: <it>``, exit 2)."""
-    from ekd_jax import config as config_lib
+    from ekd_jax.spec.validate import validate
 
     overrides, names = VALIDATE_CASES[name]
     run = _network_json(tmp_path, "teacher").parent.parent
     c = _tiny_config()
     c.update_from_flattened_dict({k: v.format(run=run) if isinstance(v, str) else v for k, v in overrides.items()})
     with pytest.raises(ValueError) as e:
-        config_lib.validate(c)
+        validate(c)
     msg = str(e.value)
     assert "\n" not in msg and msg.strip() == msg, msg
     for want in names:

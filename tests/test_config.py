@@ -2,7 +2,8 @@
 
 import json
 
-from ekd_jax.config import base_config, config_difference
+from ekd_jax.config import base_config
+from ekd_jax.rundir import config_difference
 
 
 def _json(c):
@@ -71,7 +72,7 @@ def _study(arg):
 def test_study_scenarios_validate_and_few100_is_the_recorded_converged_budget():
     import pytest
 
-    from ekd_jax.config import validate
+    from ekd_jax.spec.validate import validate
 
     _, module = _study("few100")
     for arg in module.SCENARIOS:

@@ -1,11 +1,16 @@
 """ekd_jax.data: sources, few-sample subsets, batching, augmentation and low-resolution views."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ekd_jax import data
+from ekd_jax.data import tfds as data_tfds
+from ekd_jax.spec import DataSpec
+from ekd_jax.spec.validate import validate_data
 
 HW = 12  # npz fixture size: divisible by 2 and 4 but not by 8
 CLASS_COUNTS = (10, 20, 30)  # training images per class in the npz fixture
@@ -13,9 +18,8 @@ NAMES = ("cat", "dog", "emu")
 
 
 def _cfg(**overrides):
-    cfg = data.default_config()
-    cfg.update(overrides)
-    return cfg
+    """The data spec with ``overrides``, validated as a run's is before anything is loaded."""
+    return validate_data(overrides)
 
 
 def _arrays(seed=0, grayscale=False):
@@ -41,7 +45,7 @@ def npz_path(tmp_path):
 
 @pytest.fixture(scope="module")
 def digits():
-    return data.load_dataset(data.default_config())
+    return data.load(DataSpec())
 
 
 def _index_dataset(n, hw=4):
@@ -55,7 +59,7 @@ def _index_dataset(n, hw=4):
 
 
 def test_default_config_fields():
-    assert data.default_config().to_dict() == dict(
+    assert dataclasses.asdict(DataSpec()) == dict(
         source="digits",
         image_size=None,
         samples_per_class=0,
@@ -86,7 +90,7 @@ def test_digits_is_a_fixed_stratified_split(digits):
     train_counts = np.bincount(digits.y_train, minlength=10)
     test_counts = np.bincount(digits.y_test, minlength=10)
     np.testing.assert_allclose(test_counts, 0.2 * (train_counts + test_counts), atol=1)
-    again = data.load_dataset(data.default_config())
+    again = data.load(DataSpec())
     np.testing.assert_array_equal(again.x_train, digits.x_train)
     np.testing.assert_array_equal(again.y_test, digits.y_test)
     x01 = digits.x_train / 255.0
@@ -95,10 +99,10 @@ def test_digits_is_a_fixed_stratified_split(digits):
 
 
 def test_digits_resized_once_at_load(digits):
-    big = data.load_dataset(_cfg(image_size=32))
+    big = data.load(_cfg(image_size=32))
     assert big.image_shape == (32, 32, 1) and big.x_test.shape[1:] == (32, 32, 1)
     np.testing.assert_array_equal(big.y_train, digits.y_train)
-    np.testing.assert_array_equal(big.x_train, data.load_dataset(_cfg(image_size=32)).x_train)
+    np.testing.assert_array_equal(big.x_train, data.load(_cfg(image_size=32)).x_train)
     # Bilinear resizing moves the average brightness only a little.
     assert abs(big.mean[0] - digits.mean[0]) < 0.02
 
@@ -108,8 +112,8 @@ def test_tfds_sources_with_mock_data(name, classes, tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     _no_download_probe(monkeypatch)
     with tfds.testing.mock_data(num_examples=20):
-        ds = data.load_dataset(_cfg(source=f"tfds:{name}", tfds_data_dir=str(tmp_path)))
-        small = data.load_dataset(_cfg(source=f"tfds:{name}", image_size=16))
+        ds = data.load(_cfg(source=f"tfds:{name}", tfds_data_dir=str(tmp_path)))
+        small = data.load(_cfg(source=f"tfds:{name}", image_size=16))
     assert ds.x_train.shape == ds.x_test.shape == (20, 32, 32, 3)
     assert ds.x_train.dtype == np.uint8 and ds.y_train.dtype == np.int32
     assert ds.num_classes == classes and len(ds.class_names) == classes
@@ -121,7 +125,7 @@ def test_tfds_sources_with_mock_data(name, classes, tmp_path, monkeypatch):
 def _no_download_probe(monkeypatch):
     """mock_data stands in for TFDS's preparation (tests/test_tfds_builder.py runs the real one): the probe
     of the download host that comes before it would look for a real download."""
-    monkeypatch.setattr(data, "_check_hosts_reachable", lambda builder: None)
+    monkeypatch.setattr(data_tfds, "check_hosts_reachable", lambda builder: None)
 
 
 def test_tfds_images_of_varying_size_need_image_size(monkeypatch):
@@ -129,13 +133,13 @@ def test_tfds_images_of_varying_size_need_image_size(monkeypatch):
     _no_download_probe(monkeypatch)
     with tfds.testing.mock_data(num_examples=4):
         with pytest.raises(ValueError, match="varying sizes; set data.image_size"):
-            data.load_dataset(_cfg(source="tfds:caltech_birds2011"))
-        ds = data.load_dataset(_cfg(source="tfds:caltech_birds2011", image_size=24))
+            data.load(_cfg(source="tfds:caltech_birds2011"))
+        ds = data.load(_cfg(source="tfds:caltech_birds2011", image_size=24))
     assert ds.x_train.shape == (4, 24, 24, 3) and ds.num_classes == 200
 
 
 def test_npz_rgb_source(npz_path):
-    ds = data.load_dataset(_cfg(source=f"npz:{npz_path}"))
+    ds = data.load(_cfg(source=f"npz:{npz_path}"))
     ref = _arrays()
     np.testing.assert_array_equal(ds.x_train, ref["x_train"])
     np.testing.assert_array_equal(ds.y_test, ref["y_test"])
@@ -148,7 +152,7 @@ def test_npz_grayscale_nhw_source(tmp_path):
     arrays["y_test"] = arrays["y_test"].copy()
     arrays["y_test"][0] = 6  # a label only the test split has still counts
     np.savez(tmp_path / "gray.npz", **arrays)
-    ds = data.load_dataset(_cfg(source=f"npz:{tmp_path / 'gray.npz'}", image_size=8))
+    ds = data.load(_cfg(source=f"npz:{tmp_path / 'gray.npz'}", image_size=8))
     assert ds.x_train.shape == (sum(CLASS_COUNTS), 8, 8, 1)
     assert ds.class_names is None and ds.num_classes == 7
     assert len(ds.mean) == len(ds.std) == 1
@@ -183,18 +187,18 @@ def test_npz_content_errors(case, tmp_path):
     arrays, message = NPZ_ERRORS[case]
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(ValueError, match=message):
-        data.load_dataset(_cfg(source=f"npz:{tmp_path / 'bad.npz'}"))
+        data.load(_cfg(source=f"npz:{tmp_path / 'bad.npz'}"))
 
 
 def test_npz_file_errors(tmp_path):
     with pytest.raises(ValueError, match="file not found: .*nowhere.npz"):
-        data.load_dataset(_cfg(source=f"npz:{tmp_path / 'nowhere.npz'}"))
+        data.load(_cfg(source=f"npz:{tmp_path / 'nowhere.npz'}"))
     (tmp_path / "junk.npz").write_bytes(b"this is not a zip archive")
     with pytest.raises(ValueError, match="cannot read .*junk.npz as an .npz archive"):
-        data.load_dataset(_cfg(source=f"npz:{tmp_path / 'junk.npz'}"))
+        data.load(_cfg(source=f"npz:{tmp_path / 'junk.npz'}"))
     np.save(tmp_path / "one.npy", np.zeros(3))
     with pytest.raises(ValueError, match="single .npy array, not an .npz archive"):
-        data.load_dataset(_cfg(source=f"npz:{tmp_path / 'one.npy'}"))
+        data.load(_cfg(source=f"npz:{tmp_path / 'one.npy'}"))
 
 
 @pytest.mark.parametrize(
@@ -216,15 +220,15 @@ def test_npz_file_errors(tmp_path):
 )
 def test_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
-        data.load_dataset(_cfg(**overrides))
+        data.load(_cfg(**overrides))
 
 
 def test_errors_found_after_loading(npz_path):
     # Native 12x12 images: only known once the file is read.
     with pytest.raises(ValueError, match=r"student_downsample=8 does not divide .*\(12, 12\)"):
-        data.load_dataset(_cfg(source=f"npz:{npz_path}", student_downsample=8))
+        data.load(_cfg(source=f"npz:{npz_path}", student_downsample=8))
     with pytest.raises(ValueError, match=r"larger than class 0 \('cat'\), which has only 10"):
-        data.load_dataset(_cfg(source=f"npz:{npz_path}", samples_per_class=11))
+        data.load(_cfg(source=f"npz:{npz_path}", samples_per_class=11))
     with pytest.raises(ValueError, match="larger than the training set"):
         data.steps_per_epoch(50, 51)
     with pytest.raises(ValueError, match="needs a PRNG key"):
@@ -244,8 +248,8 @@ def test_errors_found_after_loading(npz_path):
     ],
 )
 def test_subset_has_exact_class_counts(npz_path, overrides, counts):
-    full = data.load_dataset(_cfg(source=f"npz:{npz_path}"))
-    sub = data.load_dataset(_cfg(source=f"npz:{npz_path}", **overrides))
+    full = data.load(_cfg(source=f"npz:{npz_path}"))
+    sub = data.load(_cfg(source=f"npz:{npz_path}", **overrides))
     assert np.bincount(sub.y_train).tolist() == counts
     # The test split and the normalisation statistics are those of the full data.
     np.testing.assert_array_equal(sub.x_test, full.x_test)
@@ -262,9 +266,9 @@ def test_subset_is_determined_by_its_seed(npz_path):
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert data.class_balanced_subset(labels) is None  # both modes off
-    first = data.load_dataset(_cfg(source=f"npz:{npz_path}", samples_per_class=5, subset_seed=3))
-    second = data.load_dataset(_cfg(source=f"npz:{npz_path}", samples_per_class=5, subset_seed=3))
-    other = data.load_dataset(_cfg(source=f"npz:{npz_path}", samples_per_class=5, subset_seed=4))
+    first = data.load(_cfg(source=f"npz:{npz_path}", samples_per_class=5, subset_seed=3))
+    second = data.load(_cfg(source=f"npz:{npz_path}", samples_per_class=5, subset_seed=3))
+    other = data.load(_cfg(source=f"npz:{npz_path}", samples_per_class=5, subset_seed=4))
     np.testing.assert_array_equal(first.x_train, second.x_train)
     assert not np.array_equal(first.x_train, other.x_train)
 
@@ -284,24 +288,24 @@ def test_train_batch_covers_each_example_once_per_epoch(batch_size):
     steps = data.steps_per_epoch(50, batch_size)
     orders = []
     for epoch in range(3):
-        batches = [data.train_batch(ds, batch_size, 7, epoch * steps + i) for i in range(steps)]
+        batches = [ds.train_batch(batch_size, 7, epoch * steps + i) for i in range(steps)]
         ids = np.concatenate([x[:, 0, 0, 0] for x, _ in batches])
         assert len(ids) == steps * batch_size and len(set(ids.tolist())) == len(ids)
         orders.append(ids)
     if 50 % batch_size == 0:  # no remainder to drop: the epoch is exactly the dataset
         assert all(sorted(o.tolist()) == list(range(50)) for o in orders)
     assert not np.array_equal(orders[0], orders[1])  # reshuffled every epoch
-    x, y = data.train_batch(ds, batch_size, 7, 13)
+    x, y = ds.train_batch(batch_size, 7, 13)
     np.testing.assert_array_equal(y, x[:, 0, 0, 0] % 5)  # images and labels stay paired
     assert y.dtype == np.int32 and x.dtype == np.uint8
 
 
 def test_train_batch_depends_only_on_seed_and_step():
     ds = _index_dataset(50)
-    a = data.train_batch(ds, 8, 0, 23)[0]
+    a = ds.train_batch(8, 0, 23)[0]
     # A resumed run asks for step 23 first, without having seen steps 0..22.
-    np.testing.assert_array_equal(a, data.train_batch(ds, 8, 0, 23)[0])
-    assert not np.array_equal(a, data.train_batch(ds, 8, 1, 23)[0])
+    np.testing.assert_array_equal(a, ds.train_batch(8, 0, 23)[0])
+    assert not np.array_equal(a, ds.train_batch(8, 1, 23)[0])
     perm = data.epoch_permutation(50, 0, 3)
     assert sorted(perm.tolist()) == list(range(50)) and not perm.flags.writeable
 
@@ -309,7 +313,7 @@ def test_train_batch_depends_only_on_seed_and_step():
 def test_eval_batches_cover_every_test_example_once(digits):
     batch_size = 64  # 360 test images: 5 full batches and one of 40
     assert digits.test_size % batch_size != 0
-    batches = list(data.eval_batches(digits.x_test, digits.y_test, batch_size))
+    batches = list(digits.eval_batches(batch_size))
     assert len(batches) == -(-digits.test_size // batch_size)
     assert all(x.shape == (batch_size, 8, 8, 1) and y.shape == m.shape == (batch_size,)
                for x, y, m in batches)
@@ -381,7 +385,7 @@ def test_degrade_keeps_range_and_constants():
 def test_low_resolution_views(npz_path, mode, factor):
     cfg = _cfg(source=f"npz:{npz_path}", student_downsample=factor, lowres_mode=mode)
     base = _cfg(source=f"npz:{npz_path}")
-    ds = data.load_dataset(cfg)
+    ds = data.load(cfg)
     x, key = ds.x_test[:8], _key(0, 1)
     want = [8, *data.student_input_shape(cfg, ds.image_shape)]
     assert want == ([8, HW // factor, HW // factor, 3] if mode == "native" else [8, HW, HW, 3])
@@ -400,7 +404,7 @@ def test_low_resolution_views(npz_path, mode, factor):
 
 def test_make_views_inside_jit_matches_eager(digits):
     cfg = _cfg(student_downsample=2, lowres_mode="native")
-    x, _ = data.train_batch(digits, 32, 0, 0)
+    x, _ = digits.train_batch(32, 0, 0)
     views = jax.jit(lambda x, k: data.make_views(x, k, cfg, digits.mean, digits.std, True))
     teacher, student = views(x, _key(0, 0))
     eager = data.make_views(x, _key(0, 0), cfg, digits.mean, digits.std, True)

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from ekd_jax import checkpoint, data, evaluate, export, train
+from ekd_jax import data, evaluate, export, rundir, train
+from ekd_jax.spec.validate import validate_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ATOL = 1e-5
@@ -80,13 +81,13 @@ def exported(request):
 
 @pytest.fixture(scope="module")
 def digits_test_split(tiny_run):
-    ds = data.load_dataset(tiny_run["config"].data)
+    ds = data.load(validate_data(tiny_run["config"].data))
     return ds.x_test, ds.y_test
 
 
 def _flax_logits(run, images):
     """The reference: the saved student, fed the run's evaluation view, independently of ekd_jax.export."""
-    module, variables, meta = checkpoint.restore_network(run["workdir"] / "student")
+    module, variables, meta = rundir.restore_network(run["workdir"] / "student")
     _, student_x = data.make_views(images, None, run["config"].data, meta["mean"], meta["std"], train=False)
     logits, _ = module.apply(variables, student_x, train=False)
     return np.asarray(logits)

@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ekd_jax import config as config_lib
-from ekd_jax import data, models, parallel, schedules, step
+from ekd_jax import build as build_lib
+from ekd_jax import models, parallel, schedules, step
+from ekd_jax.build import DataFacts
+from ekd_jax.spec.validate import validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIX = json.loads((pathlib.Path(__file__).parent / "fixtures" / "imagenet_zoo.json").read_text())
@@ -272,11 +274,10 @@ def test_guided_modules_and_joint_step_of_the_standard_pairs(pair, method, guide
     if method == "at":
         c.teacher.checkpoint = "unused: abstract step only"
     shape, classes = (64, 64, 3), 1000
-    views = functools.partial(lambda im, key, train, cfg: data.make_views(im, key, cfg, (0.5,) * 3, (0.25,) * 3, train),
-                              cfg=c.data)
-    nets = step.build_networks(c, classes, shape, shape, views, total_steps=100)
+    spec = validate(c, check_files=False)
+    built = build_lib.build(spec, DataFacts(classes, shape, 100 * spec.batch_size, (0.5,) * 3, (0.25,) * 3))
+    nets, tx = built.nets, built.tx
     assert nets.pairs == ((0, 0), (1, 1), (2, 2), (3, 3))
-    tx = step.make_optimizer(nets, 0.1, 0.9, 1e-4)
     state = jax.eval_shape(lambda: step.init_state(nets, tx, 0))
     tm, tv, tx_in = _abstract(teacher, hw=shape[0], num_classes=classes)
     _, t_feats = jax.eval_shape(lambda v, x: tm.apply(v, x, train=False), tv, tx_in)
@@ -301,7 +302,7 @@ def test_guided_modules_and_joint_step_of_the_standard_pairs(pair, method, guide
 def test_config_is_the_standard_recipe_and_validates(arg):
     r = FIX["recipe"]
     c = _imagenet_config(arg)
-    config_lib.validate(c)
+    validate(c)
     assert (c.teacher.model, c.student.model) == tuple(FIX["pairs"][arg or "r34_r18"])
     assert c.data.source == "tfds:imagenet2012" and c.data.image_size == 224 and c.data.flip
     assert (c.num_epochs, c.batch_size) == (r["num_epochs"], r["batch_size"])
@@ -317,10 +318,10 @@ def test_config_is_the_standard_recipe_and_validates(arg):
     np.testing.assert_allclose(got, want, rtol=1e-6)
     # Stage choices are checked against the new models' four stage pairs.
     c.guided.stages = (3,)
-    config_lib.validate(c)
+    validate(c)
     c.guided.stages = (4,)
     with pytest.raises(ValueError, match=r"guided.stages=\(4,\) is not valid: .* 4 stage pairs"):
-        config_lib.validate(c)
+        validate(c)
 
 
 def test_config_lr_follows_the_batch_size_on_the_command_line():

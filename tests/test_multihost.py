@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from ekd_jax import checkpoint, data, distributed
+from ekd_jax import data, distributed, rundir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEADLINE_S = 420  # per run; a normal one takes 20-60 s here
@@ -92,7 +92,7 @@ def _records(wd: pathlib.Path) -> list[dict]:
 
 
 def _variables(wd: pathlib.Path, which: str) -> dict:
-    return checkpoint.restore_network(wd / which)[1]
+    return rundir.restore_network(wd / which)[1]
 
 
 @pytest.fixture(scope="module")
@@ -296,8 +296,8 @@ mesh = parallel.make_mesh()
 assert [d.process_index for d in mesh.devices] == [0, 0, 1, 1], mesh.devices
 rows = parallel.process_rows(mesh, 8)
 x = np.arange(40 * 3, dtype=np.uint8).reshape(40, 3)
-x_local, _ = data.train_batch(data.Dataset(x, np.arange(40, dtype=np.int32), x, np.arange(40, dtype=np.int32),
-                                           10, None, "t", (0.5,), (0.5,)), 8, 3, 7, rows)
+x_local, _ = data.Dataset(x, np.arange(40, dtype=np.int32), x, np.arange(40, dtype=np.int32),
+                          10, None, "t", (0.5,), (0.5,)).train_batch(8, 3, 7, rows)
 assert len(x_local) == 4  # this process's rows only
 batch = parallel.global_batch({"x": x_local}, mesh, 8)["x"]
 assert batch.shape == (8, 3) and not batch.is_fully_addressable
@@ -334,8 +334,9 @@ def test_process_rows_of_a_batch_are_the_global_batch_split():
     np.testing.assert_array_equal(np.concatenate(parts), whole)
     assert data.process_batch_indices(n, b, 3, 6, halves[0]).tolist() != parts[0].tolist()  # another step
     x, y = np.arange(n * 2, dtype=np.uint8).reshape(n, 2, 1, 1), np.arange(n, dtype=np.int32)
-    full = list(data.eval_batches(x, y, b))
-    split = [list(data.eval_batches(x, y, b, rows)) for rows in halves]
+    test = data.Dataset(x, y, x, y, n, None, "t", (0.5,), (0.5,))  # x, y as its held-out split
+    full = list(test.eval_batches(b))
+    split = [list(test.eval_batches(b, rows)) for rows in halves]
     assert len(split[0]) == len(split[1]) == len(full) == 5
     for (xf, yf, mf), (x0, y0, m0), (x1, y1, m1) in zip(full, *split):
         np.testing.assert_array_equal(np.concatenate([x0, x1]), xf)

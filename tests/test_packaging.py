@@ -116,7 +116,7 @@ def test_every_import_is_a_declared_dependency():
 # Runtime dependencies ekd_jax does not import itself: dependency -> (ekd_jax file, the call that needs it).
 INDIRECT = {
     "flatbuffers": ("ekd_jax/export.py", ".serialize()"),  # jax.export's serialization imports it
-    "importlib-resources": ("ekd_jax/data.py", ".download_and_prepare("),  # TFDS's etils.epath imports it
+    "importlib-resources": ("ekd_jax/data/tfds.py", ".download_and_prepare("),  # TFDS's etils.epath imports it
 }
 
 

@@ -17,7 +17,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 import helpers
-from ekd_jax import checkpoint, data, evaluate, export, models, train
+from ekd_jax import data, evaluate, export, models, rundir, train
+from ekd_jax.spec import DataSpec
+from ekd_jax.spec.validate import validate_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # float32 on CPU: the export bakes the variables in as constants, so XLA may constant-fold and
@@ -51,13 +53,13 @@ def _checkpoint_states(workdir) -> dict:
 
 def _student_view(meta, images):
     """The run's evaluation view of the student, from ekd_jax.data (not from ekd_jax.export)."""
-    cfg = {"student_downsample": meta["student_downsample"], "lowres_mode": meta["lowres_mode"]}
+    cfg = DataSpec(student_downsample=meta["student_downsample"], lowres_mode=meta["lowres_mode"])
     return data.make_views(images, None, cfg, meta["mean"], meta["std"], train=False)[1]
 
 
 def _flax_student_logits(workdir, images):
     """The saved student as the framework runs it: restored, fed the run's evaluation view."""
-    module, variables, meta = checkpoint.restore_network(pathlib.Path(workdir) / "student")
+    module, variables, meta = rundir.restore_network(pathlib.Path(workdir) / "student")
     apply = jax.jit(lambda v, x: module.apply(v, _student_view(meta, x), train=False)[0])
     return np.asarray(apply(variables, images)), module, variables, meta
 
@@ -82,7 +84,7 @@ def _float_dtypes(tree) -> set:
 
 
 def _digits_test_split():
-    ds = data.load_dataset(_quickstart_tiny().data)
+    ds = data.load(validate_data(_quickstart_tiny().data))
     return ds.x_test, ds.y_test
 
 
@@ -251,14 +253,10 @@ def _saved_network(workdir, name, hw=16, channels=3, num_classes=10):
     variables = model.init(jax.random.key(0), x, train=False)
     _, upd = model.apply(variables, x * 2.0 + 0.5, train=True, mutable=["batch_stats"])
     variables = {"params": variables["params"], "batch_stats": upd["batch_stats"]}
-    meta = {
-        "model": name, "num_classes": num_classes, "class_names": None, "input_shape": [hw, hw, channels],
-        "raw_image_shape": [hw, hw, channels], "mean": [0.5] * channels, "std": [0.25] * channels,
-        "student_downsample": 1, "lowres_mode": "upsample", "dtype": "float32", "data_source": "synthetic",
-    }
-    (workdir / "student").mkdir(parents=True)
-    checkpoint.save_network(workdir / "student", jax.device_get(variables))
-    (workdir / "student" / "network.json").write_text(json.dumps(meta))
+    shape = [hw, hw, channels]
+    meta = rundir.network_meta(name, num_classes, None, shape, shape, [0.5] * channels, [0.25] * channels,
+                               data_source="synthetic")
+    rundir.save_network(workdir / "student", jax.device_get(variables), meta)
     return variables
 
 

@@ -13,6 +13,7 @@ import pytest
 
 import helpers
 from ekd_jax import losses, methods, parallel, step
+from ekd_jax.spec import LossSpec
 
 
 def _grad_of_terms(nets, state, who, batch_index=0):
@@ -224,12 +225,12 @@ def test_lowres_native_student_runs_with_spatial_bridging():
     "method,overrides,match",
     [
         ("kd", {"teacher.checkpoint": ""}, "teacher.checkpoint"),
-        ("ekd", {"guided.stages": (0, 3)}, r"stage index \[3\] out of range.*3 stage pairs"),
-        ("fitnet", {"guided.hint_stage": 7}, "out of range"),
+        ("ekd", {"guided.stages": (0, 3)}, r"\[3\] out of range, resnet8/resnet8 have 3 stage pairs"),
+        ("fitnet", {"guided.hint_stage": 7}, "guided.hint_stage=7 is not valid: resnet8/resnet8 have 3 stage pairs"),
         ("ekdd", {}, "unknown method 'ekdd'. Did you mean 'ekd'"),
-        ("ekd", {"loss.stage_weights": (1.0, 2.0)}, "stage_weights has 2 entries but 3"),
-        ("ekd", {"guided.type": "bogus"}, "unknown guided module kind"),
-        ("ekd", {"dtype": "float16"}, "unknown dtype"),
+        ("ekd", {"loss.stage_weights": (1.0, 2.0)}, r"one weight per stage pair used \(3\)"),
+        ("ekd", {"guided.type": "bogus"}, "guided.type='bogus' is not valid"),
+        ("ekd", {"dtype": "float16"}, "dtype='float16' is not valid"),
     ],
 )
 def test_bad_combinations_fail_before_compiling(method, overrides, match, monkeypatch):
@@ -247,7 +248,7 @@ def test_teacher_head_start_waits_then_starts_fresh():
     a run without one would (same SGD state, same first update), while the teacher keeps its lead."""
     config = helpers.tiny_config("ekd")
     h = 2
-    nets, tx, state0, mesh = helpers.build(config, student_start=h, teacher_lr=0.1)
+    nets, tx, state0, mesh = helpers.build(config, student_start=h)
     train_step = step.compile_steps(nets, tx, mesh).train
     batch = lambda i: parallel.shard_batch(helpers.fake_batch(i), mesh)  # noqa: E731
     state = jax.tree_util.tree_map(jnp.copy, state0)
@@ -280,8 +281,8 @@ def test_during_the_head_start_the_teacher_learns_alone():
     """DML's teacher would learn from the waiting student's logits: during the head start it must
     not. Its trajectory equals a 'teacher'-only run's; no student term is reported at all."""
     h = 3
-    nets, tx, state, mesh = helpers.build(helpers.tiny_config("dml"), student_start=h, teacher_lr=0.1)
-    ref_nets, ref_tx, ref_state, _ = helpers.build(helpers.tiny_config("teacher"), teacher_lr=0.1)
+    nets, tx, state, mesh = helpers.build(helpers.tiny_config("dml"), student_start=h)
+    ref_nets, ref_tx, ref_state, _ = helpers.build(helpers.tiny_config("teacher"))
     state, m = helpers.run_steps(nets, tx, state, mesh, h)
     ref_state, ref_m = helpers.run_steps(ref_nets, ref_tx, ref_state, mesh, h)
     # Equal up to last-bit rounding of two different programs (a DML term from the student's
@@ -293,9 +294,11 @@ def test_during_the_head_start_the_teacher_learns_alone():
 
 
 @pytest.mark.parametrize("method", ["vanilla", "kd", "teacher"])
-def test_head_start_needs_an_online_teacher(method):
-    with pytest.raises(ValueError, match="head start needs a teacher that learns online"):
-        helpers.build(helpers.tiny_config(method), student_start=3)
+def test_a_head_start_is_ignored_without_an_online_teacher(method):
+    """teacher.head_start applies to methods whose teacher learns next to the student (ekd, dml): for the
+    others the one build gives no teacher-only steps and no head-start program."""
+    nets, tx, state, mesh = helpers.build(helpers.tiny_config(method, **{"teacher.head_start": 0.5}))
+    assert nets.student_start == 0 and set(step.compile_steps(nets, tx, mesh).programs) == {"joint", "eval"}
 
 
 def test_stage_pairing_when_counts_differ():
@@ -308,13 +311,13 @@ def test_stage_pairing_when_counts_differ():
 
 
 def test_transfer_ramp():
-    cfg = methods.LossConfig(ramp_start=0.1, ramp_length=0.4)
+    cfg = LossSpec(ramp_start=0.1, ramp_length=0.4)
     w = [float(methods.transfer_weight(cfg, jnp.asarray(p))) for p in (0.0, 0.1, 0.3, 0.5, 0.9)]
     np.testing.assert_allclose(w, [0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
     # The KD term follows the same ramp unless it has its own.
     kd = [float(methods.transfer_weight(cfg, jnp.asarray(p), "kd")) for p in (0.0, 0.3)]
     np.testing.assert_allclose(kd, [0.0, 0.5], atol=1e-6)
-    own = methods.LossConfig(ramp_start=0.5, ramp_length=0.2, kd_ramp_start=0.0, kd_ramp_length=0.0)
+    own = LossSpec(ramp_start=0.5, ramp_length=0.2, kd_ramp_start=0.0, kd_ramp_length=0.0)
     assert float(methods.transfer_weight(own, jnp.asarray(0.0), "kd")) == 1.0
     assert float(methods.transfer_weight(own, jnp.asarray(0.0), "features")) == 0.0
 
@@ -324,13 +327,13 @@ def test_transfer_masks():
     teacher = jnp.log(jnp.asarray([[0.7, 0.2, 0.1], [0.5, 0.4, 0.1], [0.1, 0.1, 0.8]]))
     student = jnp.log(jnp.asarray([[0.2, 0.7, 0.1], [0.1, 0.6, 0.3], [0.1, 0.1, 0.8]]))
     o = methods.Outputs(labels=labels, teacher_logits=teacher, student_logits=student)
-    mask = lambda kind: methods._mask(methods.LossConfig(transfer_mask=kind), o)  # noqa: E731
+    mask = lambda kind: methods._mask(LossSpec(transfer_mask=kind), o)  # noqa: E731
     assert mask("none") is None
     np.testing.assert_array_equal(mask("teacher_correct"), [1.0, 0.0, 1.0])
     # p_T(y) - p_S(y), floored at 0: ahead by 0.5 on sample 0, behind on 1, level on 2.
     np.testing.assert_allclose(mask("teacher_ahead"), [0.5, 0.0, 0.0], atol=1e-6)
     # A weight, not a target: no gradient flows through it to either network's logits.
-    g = jax.grad(lambda t, s: jnp.sum(methods._mask(methods.LossConfig(transfer_mask="teacher_ahead"),
+    g = jax.grad(lambda t, s: jnp.sum(methods._mask(LossSpec(transfer_mask="teacher_ahead"),
                                                      methods.Outputs(labels, t, student_logits=s))), (0, 1))
     assert _all_zero(g(teacher, student))
 
@@ -480,7 +483,7 @@ def test_precompile_compiles_every_program_before_the_first_step():
     """With a head start the joint program is first needed after it: precompile builds it (and the
     head-start and eval programs) up front, so a program that cannot compile or fit fails before
     training; the compiled programs are then the ones the steps run."""
-    nets, tx, state, mesh = helpers.build(helpers.tiny_config("ekd"), student_start=2, teacher_lr=0.1)
+    nets, tx, state, mesh = helpers.build(helpers.tiny_config("ekd"), student_start=2)
     steps = step.compile_steps(nets, tx, mesh)
     assert set(steps.programs) == {"joint", "head", "eval"}
     steps.precompile(state, 8, 8, (8, 8, 3))

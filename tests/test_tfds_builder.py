@@ -28,7 +28,9 @@ import time
 import numpy as np
 import pytest
 
-from ekd_jax import data, streaming
+from ekd_jax import data
+from ekd_jax.data import tfds as data_tfds
+from ekd_jax.spec.validate import validate_data
 
 tfds = pytest.importorskip("tensorflow_datasets")
 from tensorflow_datasets.core.download import resource as tfds_resource  # noqa: E402
@@ -106,15 +108,14 @@ def prepared(built_once):
             _archive(folder / f"{name}.tar.gz", name, written[name])
             for fmt in FORMATS:
                 _as_downloaded(folder / fmt, name, folder / f"{name}.tar.gz")
-                data.load_dataset(_cfg(name, folder / fmt, **(STREAM if fmt == "array_record" else {})))
+                data.load(_cfg(name, folder / fmt, **(STREAM if fmt == "array_record" else {})))
 
     return built_once("tfds_cifar_builders", build), written
 
 
 def _cfg(name, data_dir, **overrides):
-    cfg = data.default_config()
-    cfg.update(dict(source=f"tfds:{name}", tfds_data_dir=str(data_dir), **overrides))
-    return cfg
+    """The data spec, validated as a run's is before anything is loaded."""
+    return validate_data(dict(source=f"tfds:{name}", tfds_data_dir=str(data_dir), **overrides))
 
 
 def _rows(x, y) -> list:
@@ -130,7 +131,7 @@ def _rows(x, y) -> list:
 def test_in_memory_path_reads_back_exactly_what_was_written(prepared, name):
     folder, written = prepared
     w = written[name]
-    ds = data.load_dataset(_cfg(name, folder / "tfrecord"))
+    ds = data.load(_cfg(name, folder / "tfrecord"))
     assert (ds.train_size, ds.test_size, ds.num_classes) == (*SPLITS[name], CLASSES[name])
     assert ds.class_names == tuple(w["names"])  # read from the archive's label file, not TFDS's defaults
     assert ds.x_train.dtype == np.uint8 and ds.image_shape == (32, 32, 3)
@@ -146,32 +147,32 @@ def test_stream_reads_back_exactly_what_was_written_and_equals_the_in_memory_pat
     pytest.importorskip("grain")
     folder, written = prepared
     w = written[name]
-    ds = data.load_dataset(_cfg(name, folder / "array_record", **STREAM))
-    mem = data.load_dataset(_cfg(name, folder / "tfrecord"))
-    assert isinstance(ds, streaming.StreamDataset)
+    ds = data.load(_cfg(name, folder / "array_record", **STREAM))
+    mem = data.load(_cfg(name, folder / "tfrecord"))
+    assert isinstance(ds, data.Stream)
     assert (ds.train_size, ds.test_size, ds.num_classes) == (*SPLITS[name], CLASSES[name])
     assert ds.class_names == tuple(w["names"])
     for split, source in (("train", ds.train_source), ("test", ds.test_source)):
-        records = [streaming.parse_example(source[i]) for i in range(len(source))]
-        images = np.stack([streaming.decode_image(image) for image, _ in records])
+        records = [data.stream.parse_example(source[i]) for i in range(len(source))]
+        images = np.stack([data.stream.decode_image(image) for image, _ in records])
         labels = np.array([label for _, label in records])
         assert _rows(images, labels) == _rows(w[f"x_{split}"], w[f"y_{split}"])
         np.testing.assert_array_equal(images, getattr(mem, f"x_{split}"))  # same order as the tfrecord files
         np.testing.assert_array_equal(labels, getattr(mem, f"y_{split}"))
     for step in (0, 4, 6):  # epochs 0 and 1 (5 / 6 full batches of 8 an epoch)
-        x, y = data.train_batch(ds, 8, 7, step)
-        want = data.train_batch(mem, 8, 7, step)
+        x, y = ds.train_batch(8, 7, step)
+        want = mem.train_batch(8, 7, step)
         np.testing.assert_array_equal(x, want[0])
         np.testing.assert_array_equal(y, want[1])
-    got = list(data.eval_batches(ds.x_test, ds.y_test, 16))
-    for b, want in zip(got, data.eval_batches(mem.x_test, mem.y_test, 16), strict=True):
+    got = list(ds.eval_batches(16))
+    for b, want in zip(got, mem.eval_batches(16), strict=True):
         for part, expected in zip(b, want, strict=True):
             np.testing.assert_array_equal(part, expected)
-    few = data.load_dataset(_cfg(name, folder / "array_record", train_fraction=0.5, **STREAM))
-    few_mem = data.load_dataset(_cfg(name, folder / "tfrecord", train_fraction=0.5))
+    few = data.load(_cfg(name, folder / "array_record", train_fraction=0.5, **STREAM))
+    few_mem = data.load(_cfg(name, folder / "tfrecord", train_fraction=0.5))
     np.testing.assert_array_equal(few.subset, data.class_balanced_subset(mem.y_train, train_fraction=0.5))
     assert few.train_size == few_mem.train_size < ds.train_size
-    for got_part, want_part in zip(data.train_batch(few, 4, 1, 2), data.train_batch(few_mem, 4, 1, 2), strict=True):
+    for got_part, want_part in zip(few.train_batch(4, 1, 2), few_mem.train_batch(4, 1, 2), strict=True):
         np.testing.assert_array_equal(got_part, want_part)
 
 
@@ -204,7 +205,7 @@ def test_cli_prepares_cifar100_from_the_download_and_trains_one_epoch(prepared, 
     assert s["steps"] == 48 // 4 and s["teacher_input_shape"] == [8, 8, 3]
     meta = json.loads((tmp_path / "run" / "student" / "network.json").read_text())
     assert meta["num_classes"] == 100 and meta["class_names"] == w["names"]
-    ds = data.load_dataset(_cfg("cifar100", data_dir))  # what that run prepared, read back here
+    ds = data.load(_cfg("cifar100", data_dir))  # what that run prepared, read back here
     assert _rows(ds.x_train, ds.y_train) == _rows(w["x_train"], w["y_train"])
     assert _rows(ds.x_test, ds.y_test) == _rows(w["x_test"], w["y_test"])
 
@@ -243,7 +244,7 @@ def test_checksum_mismatch_is_named(prepared, tmp_path, stream):
     manual.parent.mkdir(parents=True)
     manual.write_bytes((folder / "cifar100.tar.gz").read_bytes())
     with pytest.raises(ValueError) as e:
-        data.load_dataset(_cfg("cifar100", tmp_path, **(STREAM if stream else {})))
+        data.load(_cfg("cifar100", tmp_path, **(STREAM if stream else {})))
     msg = str(e.value)
     assert msg.startswith(f"data.source='tfds:cifar100': {manual} is not the file TFDS expects for "
                           "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz (checksum mismatch"), msg
@@ -255,7 +256,7 @@ def test_any_other_failure_keeps_tfds_message_on_one_line(tmp_path):
     (tmp_path / "damaged.tar.gz").write_bytes(b"not a tar.gz archive\nat all")
     _as_downloaded(tmp_path / "tfds", "cifar10", tmp_path / "damaged.tar.gz")
     with pytest.raises(ValueError) as e:
-        data.load_dataset(_cfg("cifar10", tmp_path / "tfds"))
+        data.load(_cfg("cifar10", tmp_path / "tfds"))
     msg = str(e.value)
     assert msg.startswith(f"data.source='tfds:cifar10': TFDS could not prepare it in {tmp_path}/tfds/cifar10/3.0.2 "
                           "(ExtractError: Error while extracting "), msg
@@ -266,7 +267,7 @@ def test_any_other_failure_keeps_tfds_message_on_one_line(tmp_path):
 
 def test_dataset_that_needs_a_manual_download(tmp_path):
     with pytest.raises(ValueError) as e:
-        data.load_dataset(_cfg("imagenet2012", tmp_path, **STREAM))  # the stream: what ImageNet is read with
+        data.load(_cfg("imagenet2012", tmp_path, **STREAM))  # the stream: what ImageNet is read with
     msg = str(e.value)
     assert msg.startswith("data.source='tfds:imagenet2012': TFDS cannot download this dataset itself "
                           f"(AssertionError: Manual directory {tmp_path}/downloads/manual does not exist"), msg
@@ -281,7 +282,7 @@ def test_full_disk_is_named(tmp_path):
         with open("/dev/full", "wb", buffering=0) as f:
             f.write(b"x")
     assert full.value.errno == errno.ENOSPC
-    msg = data._tfds_failure(full.value, tfds.builder("cifar100", data_dir=str(tmp_path)), "cifar100")
+    msg = data_tfds.failure(full.value, tfds.builder("cifar100", data_dir=str(tmp_path)), "cifar100")
     assert msg == (f"not enough free disk space in {tmp_path} (OSError: [Errno 28] No space left on device); free "
                    "some space there or give a folder on a disk with room as --config.data.tfds_data_dir")
 

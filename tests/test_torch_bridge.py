@@ -614,7 +614,7 @@ def test_published_teacher_import_then_kd_then_export_to_torch(published):
     PyTorch network's. Then ekd_jax.export's torch_state_dict (its flag: test_without_torch_...)
     writes the student as a bare state dict that the PyTorch resnet8 loads (strict) and that gives
     the JAX student's logits; num_batches_tracked = the student's steps. (One test: the run is shared.)"""
-    from ekd_jax import checkpoint, data, export, train
+    from ekd_jax import data, export, rundir, train
 
     d, net, arrays = published
     proc = _cli("ekd_jax.import_torch", f"--checkpoint={d / 'ckpt_epoch_240.pth'}", "--model=resnet8",
@@ -637,7 +637,7 @@ def test_published_teacher_import_then_kd_then_export_to_torch(published):
     with torch.no_grad():
         pred = net(torch.from_numpy(_nchw(x).copy())).argmax(1).numpy()
     assert summary["teacher_top1"] == pytest.approx(float(np.mean(pred == arrays["y_test"])), abs=1e-9)
-    module, variables, _ = checkpoint.restore_network(d / "teacher_run" / "teacher")
+    module, variables, _ = rundir.restore_network(d / "teacher_run" / "teacher")
     with torch.no_grad():
         _close(module.apply(variables, x[:4], train=False)[0], net(torch.from_numpy(_nchw(x[:4]).copy())), "teacher")
 
@@ -648,7 +648,7 @@ def test_published_teacher_import_then_kd_then_export_to_torch(published):
     student = REFERENCE["resnet8"](num_classes=5).eval()
     student.load_state_dict(sd, strict=True)
     assert int(sd["bn1.num_batches_tracked"]) == 8
-    module, variables, _ = checkpoint.restore_network(d / "kd" / "student")
+    module, variables, _ = rundir.restore_network(d / "kd" / "student")
     with torch.no_grad():
         _close(module.apply(variables, x[:4], train=False)[0], student(torch.from_numpy(_nchw(x[:4]).copy())), "student")
 

@@ -344,7 +344,7 @@ def test_torchvision_style_pth_imports_on_the_command_line_and_exports_back(tmp_
     """``torch.save(model.state_dict(), 'r18.pth')`` of a 10-class torchvision ResNet-18 -> the
     command line -> ``<out>/teacher/`` with the ImageNet defaults (224x224, ImageNet mean/std) ->
     its logits are PyTorch's; written back as PyTorch (export's writer) it is the file, bitwise."""
-    from ekd_jax import checkpoint, export
+    from ekd_jax import export, rundir
 
     name = "resnet18_imagenet"
     net = reference(name, 10, seed=5)
@@ -359,7 +359,7 @@ def test_torchvision_style_pth_imports_on_the_command_line_and_exports_back(tmp_
     assert (meta["model"], meta["num_classes"], meta["input_shape"]) == (name, 10, [224, 224, 3])
     assert (tuple(meta["mean"]), tuple(meta["std"])) == (IMAGENET_MEAN, IMAGENET_STD)
 
-    module, variables, _ = checkpoint.restore_network(tmp_path / "r18" / "teacher")
+    module, variables, _ = rundir.restore_network(tmp_path / "r18" / "teacher")
     images = np.random.default_rng(5).standard_normal((2, HW, HW, 3)).astype(np.float32)
     logits, _ = module.apply(variables, images, train=False)
     with torch.no_grad():

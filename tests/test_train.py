@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from ekd_jax import checkpoint, train
+from ekd_jax import rundir, schedules, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -100,7 +100,7 @@ def test_quickstart_tiny_outputs(reference_run):
     meta = json.loads((wd / "student" / "network.json").read_text())
     assert meta["model"] == "resnet8" and meta["input_shape"] == [8, 8, 1]
     # The saved student is exactly the final one.
-    model, variables, _ = checkpoint.restore_network(wd / "student")
+    model, variables, _ = rundir.restore_network(wd / "student")
     assert train.tree_sha256(variables) == s["student_params_sha256"]
 
 
@@ -316,18 +316,18 @@ def test_schedule_multistep_and_warmup():
     fractions of the whole run, and milestones that would merge at this length are refused."""
     c = tiny(**{"optimizer.learning_rate": 0.05})
     c.schedule.warmup_epochs = 1.0
-    sched = train.make_schedule(c, steps_per_epoch=10, total_steps=80)
+    sched = schedules.make_schedule(c, steps_per_epoch=10, total_steps=80)
     lrs = np.array([float(sched(t)) for t in range(80)])
     assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.025) and lrs[10] == pytest.approx(0.05)
     assert lrs[49] == pytest.approx(0.05) and lrs[50] == pytest.approx(0.005)  # 62.5% of 80
     assert lrs[79] == pytest.approx(0.05e-3)
     c.schedule.name = "cosine"
-    cos = np.array([float(train.make_schedule(c, 10, 80)(t)) for t in range(81)])
+    cos = np.array([float(schedules.make_schedule(c, 10, 80)(t)) for t in range(81)])
     np.testing.assert_allclose(cos[:11], lrs[:11], rtol=1e-6)  # the same warm-up
     assert cos[80] == pytest.approx(0.0, abs=1e-9) and np.all(np.diff(cos[10:]) <= 1e-9)
     c.schedule.name, c.schedule.warmup_epochs = "multistep", 0.0
     with pytest.raises(ValueError, match=r"schedule.milestones=\(0.625, 0.75, 0.875\) fall on the same step"):
-        train.make_schedule(c, steps_per_epoch=1, total_steps=3)
+        schedules.make_schedule(c, steps_per_epoch=1, total_steps=3)
 
 
 def test_compare_runner_writes_table_and_runs_teacher_first(tmp_path):

@@ -14,6 +14,7 @@ import re
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from ekd_jax.models import imagenet_resnet, mobilenetv1, mobilenetv2, resnet, shufflenet, vgg, wrn
 
@@ -31,6 +32,9 @@ for _zoo, _families in ZOOS.items():
 # Stage maps that guided modules / feature methods pair: features[1:-1] (the reference's
 # feat[1:-1], used by AT/NST/VID): every entry but the stem output and the pooled vector.
 STAGE_SLICE = slice(1, -1)
+
+# A run's ``dtype`` option (and a saved network's) -> the compute dtype its modules are built with.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def available_models(zoo: str | None = None) -> list[str]:
@@ -74,4 +78,4 @@ def create_model(name: str, num_classes: int, **kw: Any) -> nn.Module:
     return _REGISTRY[name](num_classes=num_classes, **kw)
 
 
-__all__ = ["available_models", "create_model", "suggest_models", "STAGE_SLICE", "ZOOS"]
+__all__ = ["available_models", "create_model", "suggest_models", "DTYPES", "STAGE_SLICE", "ZOOS"]

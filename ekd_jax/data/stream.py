@@ -1,11 +1,11 @@
 """Datasets larger than memory: a grain stream that reads examples by index from random-access files.
 
-The in-memory path (:mod:`ekd_jax.data`) loads a whole dataset as uint8 arrays; this one never holds
-more than a few batches. It reads from a random-access source of serialized examples:
+The in-memory sources (:mod:`ekd_jax.data.memory`) load a whole dataset as uint8 arrays; this one never
+holds more than a few batches. It reads from a random-access source of serialized examples:
 
 * ``data.source='tfds:<name>'`` with ``data.streaming=True``: a TFDS dataset prepared in TFDS's
   ArrayRecord format, read with ``builder.as_data_source`` (prepared on first use, as
-  ``tfds.data_source`` does: ``file_format='array_record'``);
+  ``tfds.data_source`` does: ``file_format='array_record'``; :mod:`ekd_jax.data.tfds`);
 * ``data.source='arrayrecord:<pattern>'`` (always streamed): your ArrayRecord files, ``<pattern>`` a
   glob with ``{split}`` in it, e.g. ``arrayrecord:/data/mine/{split}-*.array_record``; ``{split}``
   is replaced by ``train`` for training and by ``test`` (or, without test files, ``validation``)
@@ -17,11 +17,11 @@ int64 feature ``label`` (the class index, from 0) -- exactly what TFDS writes fo
 image-classification datasets; other features are ignored. :func:`write_arrayrecord` writes such
 files; they are parsed with TFDS's TensorFlow-free protobuf classes (no TensorFlow needed).
 
-**Which examples.** The batch of global step ``s`` is ``data.process_batch_indices`` of (seed, s), as
+**Which examples.** The batch of global step ``s`` is ``batching.process_batch_indices`` of (seed, s), as
 in memory: each process reads only its rows of the global batch (the same global batch for any
 process count), and a resumed run reads exactly the batches it would have read. A few-sample run
 (``data.samples_per_class`` / ``data.train_fraction``) keeps the same class-balanced indices as the
-in-memory path (``data.class_balanced_subset`` of the training labels). The labels come from the
+in-memory path (``subsets.class_balanced_subset`` of the training labels). The labels come from the
 records: an ``arrayrecord:`` source reads every record of both splits once at start (its class count
 is the largest label + 1); a TFDS source takes the class count and names from its ``ClassLabel`` and
 reads the training labels (one pass) only for a few-sample subset.
@@ -32,10 +32,12 @@ to ``data.image_size``) run on the host in grain map transforms -- in ``data.wor
 processes, or in the training process with ``data.workers=0``. The crop of the example at position p
 of step s's global batch is drawn from ``np.random.default_rng([seed, s, p])``, so it depends on
 neither the process count nor the worker count. The horizontal flip and the normalisation stay on
-device (``data.make_views``, with ``data.crop_padding=0``: no pad-and-crop), with the fixed
+device (``views.make_views``, with ``data.crop_padding=0``: no pad-and-crop), with the fixed
 statistics ``data.mean`` / ``data.std`` (a stream cannot measure its training split). Evaluation
 resizes the shorter side to ``data.eval_resize`` and takes the centre ``data.image_size`` crop, on
-the host; its batches are padded and masked exactly like ``data.eval_batches``.
+the host; its batches are padded and masked exactly like the in-memory ones (``batching.eval_indices``).
+
+grain, array_record and TFDS are imported inside the functions only (the ``ekd_jax[stream]`` extra).
 """
 
 from __future__ import annotations
@@ -50,88 +52,28 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from ekd_jax import data
+from ekd_jax.data import batching, subsets
+from ekd_jax.data import tfds as tfds_lib
 
-SOURCE_KINDS = ("tfds", "arrayrecord")
 SPLIT = "{split}"
 TRAIN_SPLIT = "train"
 TEST_SPLITS = ("test", "validation")  # the first with files is the held-out split
-IMAGE_KEY, LABEL_KEY = "image", "label"
+IMAGE_KEY, LABEL_KEY = tfds_lib.IMAGE_KEY, tfds_lib.LABEL_KEY
 CHANNELS = 3  # the stream yields RGB (grey and CMYK images are converted)
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop: tries before the central-crop fallback
 LABEL_CHUNK = 1024  # records per element of the label pass
 
 
-# --------------------------------------------------------------------------- config
-
-
-def is_stream(cfg: Any) -> bool:
-    """Whether ``cfg`` (the data config) reads through the stream rather than into memory."""
-    source = data._get(cfg, "source")
-    return (isinstance(source, str) and source.startswith("arrayrecord:")) or data._get(cfg, "streaming") is True
+# --------------------------------------------------------------------------- files
 
 
 def _fail(key: str, value: Any, what: str) -> None:
     raise ValueError(f"data.{key}={value!r} is not valid: {what}; fix --config.data.{key}")
 
 
-def _numbers(v: Any) -> bool:
-    return isinstance(v, (tuple, list)) and all(
-        isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x) for x in v
-    )
-
-
-def check_config(cfg: Any) -> None:
-    """The stream's fields (and the fixed statistics, which both paths honour), before any loading.
-
-    Called by :func:`ekd_jax.data.check_config`, so ``config.validate`` refuses a bad value up front
-    with the usual one line. Nothing here opens a file except an ``arrayrecord:`` pattern's glob.
-    """
-    get = functools.partial(data._get, cfg)
-    if get("streaming") not in (True, False):
-        _fail("streaming", get("streaming"), "True (read tfds:<name> by index with grain) or False")
-    mean, std = get("mean"), get("std")
-    for key, v in (("mean", mean), ("std", std)):
-        if not _numbers(v):
-            _fail(key, v, "a tuple of numbers, one per channel in [0, 1] units (empty = measured on the training split)")
-    if len(mean) != len(std):
-        _fail("std", tuple(std), f"one value per channel, as many as data.mean={tuple(mean)!r} (or both empty)")
-    if any(s <= 0 for s in std):
-        _fail("std", tuple(std), "standard deviations > 0")
-    scale, ratio = get("crop_scale"), get("crop_ratio")
-    if not (_numbers(scale) and len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
-        _fail("crop_scale", scale, "(min, max) area fractions of the random-resized crop, 0 < min <= max <= 1")
-    if not (_numbers(ratio) and len(ratio) == 2 and 0 < ratio[0] <= ratio[1]):
-        _fail("crop_ratio", ratio, "(min, max) aspect ratios (width / height) of the random-resized crop, 0 < min <= max")
-    workers = get("workers")
-    if not data._is_int(workers) or workers < 0:
-        _fail("workers", workers, "an integer >= 0 (grain worker processes of the stream; 0 = in the training process)")
-    resize, size = get("eval_resize"), get("image_size")
-    if resize is not None and (not data._is_int(resize) or resize < 1):
-        _fail("eval_resize", resize, "a positive int (the shorter side before the centre crop), or None (= data.image_size)")
-    if not is_stream(cfg):
-        return
-
-    source = get("source")
-    kind, arg = data._parse_source(source)
-    if kind not in SOURCE_KINDS:
-        _fail("streaming", True, f"the stream reads tfds:<name> or arrayrecord:<pattern> sources, not {source!r}")
-    if size is None:
-        _fail("image_size", None, "the stream crops every image to data.image_size x data.image_size; give it (e.g. 224)")
-    if resize is not None and resize < size:
-        _fail("eval_resize", resize, f"at least data.image_size={size} (the centre crop is taken from it)")
-    if get("crop_padding") != 0:
-        _fail("crop_padding", get("crop_padding"), "0 with the stream, which crops on the host (random-resized crop, "
-              "data.crop_scale / data.crop_ratio) instead of padding and cropping on the device")
-    if len(mean) != CHANNELS:
-        _fail("mean", tuple(mean), f"{CHANNELS} fixed per-channel values with the stream, which cannot measure its "
-              "training split, e.g. ImageNet's (0.485, 0.456, 0.406) with std (0.229, 0.224, 0.225)")
-    if kind == "arrayrecord":
-        _arrayrecord_splits(arg)
-
-
-def _arrayrecord_splits(pattern: str) -> tuple[list[str], list[str]]:
-    """The sorted train and test files of an ``arrayrecord:`` pattern; a ValueError naming what is missing."""
+def arrayrecord_splits(pattern: str) -> tuple[list[str], list[str]]:
+    """The sorted train and test files of an ``arrayrecord:`` pattern; a ValueError naming what is missing.
+    (The spec asks first, so that a pattern matching nothing is refused before anything is made.)"""
     where = f"arrayrecord:{pattern}"
     if SPLIT not in pattern:
         _fail("source", where, f"the file pattern needs {SPLIT} where the split name goes, e.g. "
@@ -300,7 +242,7 @@ class TrainBatch:
 
     def keys(self, step: int) -> np.ndarray:
         """The record indices this process reads at ``step`` (rows of the (seed, step) batch)."""
-        idx = data.process_batch_indices(self.train_size, self.batch_size, self.seed, step, self.rows)
+        idx = batching.process_batch_indices(self.train_size, self.batch_size, self.seed, step, self.rows)
         return idx if self.subset is None else self.subset[idx]
 
     def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -314,16 +256,16 @@ class TrainBatch:
 
 
 class EvalBatch:
-    """Batch number b -> this process's rows of the b-th evaluation batch, ``(x, y, mask)``, padded
-    with zeros (mask 0) past the end of the split, exactly as ``data.eval_batches``."""
+    """Batch number b -> this process's ``rows`` of the b-th evaluation batch, ``(x, y, mask)``, padded
+    with zeros (mask 0) past the end of the split, exactly as in memory (``batching.eval_indices``)."""
 
-    def __init__(self, source, where: str, n: int, batch_size: int, rows: np.ndarray, resize: int, size: int):
+    def __init__(self, source, where: str, n: int, batch_size: int, rows: np.ndarray | None, resize: int,
+                 size: int):
         self.source, self.where, self.n, self.batch_size = source, where, n, batch_size
-        self.rows, self.resize, self.size = np.asarray(rows), resize, size
+        self.rows, self.resize, self.size = rows, resize, size
 
     def __call__(self, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        idx = b * self.batch_size + self.rows
-        real = idx < self.n
+        idx, real = batching.eval_indices(self.n, self.batch_size, b, self.rows)
         images = np.zeros((len(idx), self.size, self.size, CHANNELS), np.uint8)
         labels = np.zeros(len(idx), np.int32)
         for i in np.flatnonzero(real):
@@ -369,74 +311,39 @@ def _pipeline(items: range, fn, workers: int):
     return iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=1)))
 
 
-def _close(it) -> None:
-    close = getattr(it, "close", None)
-    if close is not None:
-        close()
-
-
 def read_labels(source, where: str, workers: int = 0) -> np.ndarray:
     """Every record's label (one pass over the records; images are not decoded)."""
     it = _pipeline(range(-(-len(source) // LABEL_CHUNK)), LabelChunk(source, where), workers)
     try:
         chunks = [np.array(c) for c in it]
     finally:
-        _close(it)
+        it.close()
     return np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
 
 
 # --------------------------------------------------------------------------- the stream
 
 
-class TestSplit:
-    """The held-out split of a stream, in place of ``x_test``: :func:`ekd_jax.data.eval_batches`
-    hands its batches over to :meth:`eval_batches`, so the shared evaluation (training's and
-    ``ekd_jax.evaluate``'s) runs on it unchanged."""
-
-    def __init__(self, source, where: str, resize: int, size: int, workers: int):
-        self.source, self.where, self.resize, self.size, self.workers = source, where, resize, size, workers
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def eval_batches(self, batch_size: int, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, ...]]:
-        """``(x, y, mask)`` batches covering every example once (``data.eval_batches``'s contract)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        rows = np.arange(batch_size) if rows is None else np.asarray(rows)
-        fn = EvalBatch(self.source, self.where, len(self), batch_size, rows, self.resize, self.size)
-        it = _pipeline(range(-(-len(self) // batch_size)), fn, self.workers)
-        try:
-            for x, y, mask in it:
-                yield np.array(x), np.array(y), np.array(mask)  # plain arrays (see StreamDataset.train_batch)
-        finally:
-            _close(it)
-
-
-class StreamDataset:
-    """What :func:`ekd_jax.data.load_dataset` returns for a streamed source: the attributes of an
-    in-memory :class:`ekd_jax.data.Dataset` the loop reads (sizes, classes, shape, statistics), with
-    :meth:`train_batch` in place of ``x_train`` and a :class:`TestSplit` as ``x_test``.
+class Stream:
+    """What :func:`ekd_jax.data.load` returns for a streamed source: the facts of an in-memory
+    :class:`ekd_jax.data.memory.Dataset` the loop reads (sizes, classes, shape, statistics) and the same
+    batches (:meth:`train_batch`, :meth:`eval_batches`), read from files instead of arrays.
 
     ``train_source`` / ``test_source`` are random-access sequences of records (``len``, ``[i]``).
     Training batches come from one grain iterator per epoch, opened at the step asked for and
     prefetching the steps after it; a step asked out of order (a resume) opens a new one there.
     """
 
-    def __init__(self, cfg: Any, train_source, test_source, num_classes: int, class_names: tuple[str, ...] | None,
+    def __init__(self, d: Any, train_source, test_source, num_classes: int, class_names: tuple[str, ...] | None,
                  subset: np.ndarray | None = None):
-        get = functools.partial(data._get, cfg)
-        self.source = get("source")
+        self.source = d.source
         self.train_source, self.test_source = train_source, test_source
         self.num_classes, self.class_names = int(num_classes), class_names
         self.subset = subset  # record indices of a few-sample subset (sorted), or None = every record
-        self.mean, self.std = tuple(float(m) for m in get("mean")), tuple(float(s) for s in get("std"))
-        self.size, self.workers = int(get("image_size")), int(get("workers"))
-        self.scale, self.ratio = tuple(get("crop_scale")), tuple(get("crop_ratio"))
-        resize = get("eval_resize")
-        self.x_test = TestSplit(test_source, f"{self.source} (held-out split)", self.size if resize is None else resize,
-                                self.size, self.workers)
-        self.y_test = None  # the labels come with the images, from x_test
+        self.mean, self.std = tuple(float(m) for m in d.mean), tuple(float(s) for s in d.std)
+        self.size, self.workers = int(d.image_size), int(d.workers)
+        self.scale, self.ratio = tuple(d.crop_scale), tuple(d.crop_ratio)
+        self.eval_resize = self.size if d.eval_resize is None else int(d.eval_resize)
         self._open: dict | None = None  # the current epoch's training iterator and where it stands
 
     @property
@@ -459,13 +366,13 @@ class StreamDataset:
 
     def train_batch(self, batch_size: int, seed: int, step: int,
                     rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``data.train_batch``'s contract: uint8 images and int32 labels of global ``step`` (this
-        process's ``rows`` of it), a function of (seed, step) only."""
+        """uint8 images and int32 labels of global ``step`` (this process's ``rows`` of it), a function
+        of (seed, step) only, as in memory."""
         key = (batch_size, seed, None if rows is None else tuple(np.asarray(rows).tolist()))
         o = self._open
         if o is None or o["key"] != key or o["next"] != step:
             self.close()
-            spe = data.steps_per_epoch(self.train_size, batch_size)
+            spe = batching.steps_per_epoch(self.train_size, batch_size)
             end = (step // spe + 1) * spe  # to the end of this epoch, where evaluation comes
             it = _pipeline(range(step, end), self.train_transform(batch_size, seed, rows), self.workers)
             o = self._open = {"key": key, "next": step, "end": end, "it": it}
@@ -477,11 +384,25 @@ class StreamDataset:
             self.close()
         return x, y
 
+    def eval_batches(self, batch_size: int, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, ...]]:
+        """``(x, y, mask)`` batches covering every held-out example once, padded and masked as in memory
+        (this process's ``rows`` of each): centre crops of the images, read and resized on the host."""
+        n = self.test_size
+        count = batching.eval_batch_count(n, batch_size)
+        fn = EvalBatch(self.test_source, f"{self.source} (held-out split)", n, batch_size, rows, self.eval_resize,
+                       self.size)
+        it = _pipeline(range(count), fn, self.workers)
+        try:
+            for x, y, mask in it:
+                yield np.array(x), np.array(y), np.array(mask)  # plain arrays (see train_batch)
+        finally:
+            it.close()
+
     def close(self) -> None:
         """Stops the open training iterator (and its worker processes), if any."""
         if self._open is not None:
             it, self._open = self._open["it"], None
-            _close(it)
+            it.close()
 
     def __del__(self):
         try:
@@ -493,41 +414,34 @@ class StreamDataset:
 # --------------------------------------------------------------------------- loading
 
 
-def load(cfg: Any) -> StreamDataset:
-    """Opens a streamed source (``data.load_dataset`` calls this for one): the random-access sources,
-    the class count, and the few-sample subset; reads no image."""
-    data.check_config(cfg)
-    get = functools.partial(data._get, cfg)
-    kind, arg = data._parse_source(get("source"))
-    few = get("samples_per_class") or get("train_fraction") != 1.0
-    where = get("source")
-    if kind == "tfds":
-        train_source, test_source, num_classes, names = _open_tfds(arg, get("tfds_data_dir"))
+def load(d: Any) -> Stream:
+    """Opens the streamed source of ``d`` (a validated :class:`ekd_jax.spec.DataSpec`): the random-access
+    sources, the class count, and the few-sample subset; reads no image."""
+    few = d.samples_per_class or d.train_fraction != 1.0
+    where = d.source
+    if d.kind == "tfds":
+        train_source, test_source, num_classes, names = _open_tfds(d.location, d.tfds_data_dir)
     else:
-        train_source, test_source = _open_arrayrecord(arg)
+        train_source, test_source = _open_arrayrecord(d.location)
     if len(train_source) == 0 or len(test_source) == 0:
         raise ValueError(f"data.source={where!r}: a split has no records "
                          f"({len(train_source)} training, {len(test_source)} held-out)")
-    train_labels = read_labels(train_source, where, get("workers")) if few or kind == "arrayrecord" else None
-    if kind == "arrayrecord":  # no metadata: the class count is the largest label + 1
-        test_labels = read_labels(test_source, where, get("workers"))
+    train_labels = read_labels(train_source, where, d.workers) if few or d.kind == "arrayrecord" else None
+    if d.kind == "arrayrecord":  # no metadata: the class count is the largest label + 1
+        test_labels = read_labels(test_source, where, d.workers)
         for split, labels in (("training", train_labels), ("held-out", test_labels)):
             if labels.min() < 0:
                 raise ValueError(f"data.source={where!r}: {split} records have negative labels (min {labels.min()}); "
                                  "labels must be 0..num_classes-1")
         num_classes, names = int(max(train_labels.max(), test_labels.max())) + 1, None
-    subset = None
-    if few:
-        subset = data.class_balanced_subset(
-            train_labels, samples_per_class=get("samples_per_class"), train_fraction=get("train_fraction"),
-            seed=get("subset_seed"), class_names=names)
-    return StreamDataset(cfg, train_source, test_source, num_classes, names, subset)
+    subset = subsets.few_sample_subset(d, train_labels, names) if few else None
+    return Stream(d, train_source, test_source, num_classes, names, subset)
 
 
 def _open_arrayrecord(pattern: str):
     import grain  # lazy: ekd_jax[stream]
 
-    train, test = _arrayrecord_splits(pattern)
+    train, test = arrayrecord_splits(pattern)
     return grain.sources.ArrayRecordDataSource(train), grain.sources.ArrayRecordDataSource(test)
 
 
@@ -537,24 +451,14 @@ def _open_tfds(name: str, data_dir: str | None):
     import tensorflow_datasets as tfds  # lazy: ekd_jax[stream] / [tfds]
 
     where = f"data.source='tfds:{name}'"
-    try:
-        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(f"{where}: TFDS has no dataset {name!r}; see https://www.tensorflow.org/datasets/catalog") from e
-    data._prepare_tfds(builder, name, where, file_format="array_record")  # a failure: one ValueError line
-    features = builder.info.features
-    if IMAGE_KEY not in features or LABEL_KEY not in features:
-        raise ValueError(f"{where}: needs 'image' and 'label' features, the dataset has {sorted(features)}.")
-    label = features[LABEL_KEY]
-    if not isinstance(label, tfds.features.ClassLabel):
-        raise ValueError(f"{where}: 'label' is a {type(label).__name__}, not a ClassLabel.")
-    test_split = data._test_split(builder.info.splits, where)
+    builder, held_out = tfds_lib.prepared_builder(name, data_dir, file_format="array_record")
     raw = tfds.decode.DeserializeMethod.RAW_BYTES
     try:
-        train, test = (builder.as_data_source(split=s, deserialize_method=raw) for s in (TRAIN_SPLIT, test_split))
+        train, test = (builder.as_data_source(split=s, deserialize_method=raw) for s in (TRAIN_SPLIT, held_out))
     except NotImplementedError as e:  # prepared earlier in a format without random access (tfrecord)
         raise ValueError(
             f"{where}: the copy in {builder.data_dir} cannot be read by index ({e}); prepare it as ArrayRecord "
             f"(`tfds build {name} --file_format=array_record`) or choose another data.tfds_data_dir"
         ) from e
+    label = builder.info.features[LABEL_KEY]
     return train, test, int(label.num_classes), tuple(label.names)
