@@ -27,7 +27,7 @@ from ekd_jax.data.stream import CHANNELS as STREAM_CHANNELS
 from ekd_jax.data.views import LOWRES_MODES
 from ekd_jax.guided import GUIDE_KINDS, pair_stages
 from ekd_jax.losses import WEIGHTED_MEANS
-from ekd_jax.methods import METHODS, get_method
+from ekd_jax.methods import get_method
 from ekd_jax.models import DTYPES as MODEL_DTYPES
 from ekd_jax.models import available_models, suggest_models
 
@@ -51,8 +51,9 @@ def validate(config, check_files: bool = True) -> spec_lib.Spec:
     name (an offline method's teacher run, an ``.npz``, an ``arrayrecord:`` pattern) are not looked at,
     for a caller that never reads them (``ekd-bench`` times synthetic data and a random frozen teacher)."""
     spec = _typed(spec_lib.Spec, config, "")
-    _check_run(spec)
-    _check_teacher_checkpoint(spec, check_files)
+    method = get_method(spec.method)  # an unknown name: its message suggests the closest one
+    _check_run(spec, method)
+    _check_teacher_checkpoint(spec, method, check_files)
     _check_data(spec.data, check_files)
     return spec
 
@@ -111,9 +112,7 @@ def _numbers(v) -> bool:
     return isinstance(v, tuple) and all(_number(x) for x in v)
 
 
-def _check_run(s: spec_lib.Spec) -> None:
-    if s.method not in METHODS:
-        get_method(s.method)  # its message suggests the closest name
+def _check_run(s: spec_lib.Spec, method) -> None:
     for which in ("teacher", "student"):
         name = s.network(which).model
         close = suggest_models(str(name))
@@ -171,7 +170,7 @@ def _check_run(s: spec_lib.Spec) -> None:
           "stage-pair indices >= 0 (empty = all pairs)")
     _need(len(set(g.stages)) == len(g.stages), "guided.stages", g.stages, "each pair at most once")
     _need(_int(g.hint_stage) and g.hint_stage >= 0, "guided.hint_stage", g.hint_stage, "a stage-pair index >= 0")
-    _check_stage_choices(s)
+    _check_stage_choices(s, method)
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,10 +190,9 @@ def stage_count(model: str) -> int:
     return len(feats[STAGE_SLICE])
 
 
-def _check_stage_choices(s: spec_lib.Spec) -> None:
+def _check_stage_choices(s: spec_lib.Spec, method) -> None:
     """Stage-pair indices (guided.stages, guided.hint_stage) and loss.stage_weights against the
     pairs this teacher/student has, checked here so that they name their own option."""
-    method = get_method(s.method)
     g, weights = s.guided, s.loss.stage_weights
     uses_stages = method.guide == "config" or method.name == "at"
     if not (method.guide == "adapter_hint" or (uses_stages and (g.stages or weights))):
@@ -217,10 +215,9 @@ def _check_stage_choices(s: spec_lib.Spec) -> None:
             )
 
 
-def _check_teacher_checkpoint(s: spec_lib.Spec, check_files: bool = True) -> None:
+def _check_teacher_checkpoint(s: spec_lib.Spec, method, check_files: bool = True) -> None:
     """An offline method's frozen teacher: the folder must hold a finished teacher of teacher.model.
     (Its class count and input shape need the data: the trainer checks them.)"""
-    method = get_method(s.method)
     if not method.needs_teacher_checkpoint:
         return
     src = str(s.teacher.checkpoint or "")
