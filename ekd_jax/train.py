@@ -21,6 +21,7 @@ that a refusal stops every process with the same message instead of leaving some
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -82,7 +83,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         run = set_up(config, workdir)
         stop.mesh = run.mesh
         spec = run.spec
-        with checkpoint.Checkpointer(run.workdir, keep=spec.checkpoint_keep, async_save=spec.async_checkpoint) as ckpt, \
+        # The source is closed however the run ends (a stream's worker processes stop with it).
+        with contextlib.closing(run.ds), \
+                checkpoint.Checkpointer(run.workdir, keep=spec.checkpoint_keep, async_save=spec.async_checkpoint) as ckpt, \
                 outputs.RunWriter(run.workdir, enabled=distributed.is_primary()) as out:
             state, start, best = restore(run, ckpt, out)
             out.resume(start.epoch)
