@@ -10,10 +10,10 @@ exit status 2, no traceback, nothing trained (project issue 13, item 2).
 * compile nothing (run with JAX_LOG_COMPILES=1: a "Compiling" line fails the case) and write
   nothing: no ``checkpoints/``, everything the test prepared (a stored run's checkpoints
   included) stays as it was. A config error is refused before the workdir is even created
-  (``config.validate`` runs first); one that needs the data (npz contents, class sizes) may leave
-  the workdir that ``prepare_workdir`` made, empty.
+  (``spec.validate.validate`` runs first); one that needs the data (npz contents, class sizes) may leave
+  the workdir that ``rundir.prepare`` made, empty.
 
-``VALIDATE_CASES``: the rest of the config values, in-process through ``config.validate`` (the
+``VALIDATE_CASES``: the rest of the config values, in-process through ``spec.validate.validate`` (the
 function the command line calls first), to keep the file fast: each raises one ValueError line
 naming the option.
 
@@ -262,7 +262,7 @@ MAIN = ("--config", CONFIG, "--workdir", "{wd}")
 EVAL = ("--workdir", "{tmp}/run")
 
 CASES = {
-    # ---- config values (config.validate: refused before the workdir exists)
+    # ---- config values (spec.validate: refused before the workdir exists)
     "num_epochs_0": C("--config.num_epochs=0", names=["num_epochs=0", "--config.num_epochs"]),
     "num_epochs_not_a_number": C("--config.num_epochs=abc", names=["num_epochs", "abc"]),
     "num_epochs_float": C("--config.num_epochs=2.5", names=["num_epochs", "2.5"]),
@@ -335,7 +335,7 @@ CASES = {
                               early=False, prep=lambda t: (_network_json(t, "student"), _write(t / "out", "x"))),
 }
 
-# Bad values checked in-process through config.validate, the function the command line calls
+# Bad values checked in-process through spec.validate.validate, the function the command line calls
 # first (the subprocess cases above show that its ValueError becomes the one error line):
 # dotted override -> what the message must contain.
 VALIDATE_CASES = {
@@ -481,7 +481,7 @@ def test_bad_input_is_refused_in_one_line(name, tmp_path):
 
 @pytest.mark.parametrize("name", list(VALIDATE_CASES))
 def test_bad_config_value_is_refused_by_validate(name, tmp_path):
-    """The same contract for the rest of the config values, in-process: config.validate raises
+    """The same contract for the rest of the config values, in-process: spec.validate.validate raises
     one ValueError line naming the option (cli.run prints it as ``error: <it>``, exit 2)."""
     from ekd_jax.spec.validate import validate
 
