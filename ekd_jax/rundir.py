@@ -23,7 +23,6 @@ from ekd_jax import checkpoint, distributed
 from ekd_jax import spec as spec_lib
 from ekd_jax.models import DTYPES, create_model
 
-NETWORKS = ("student", "teacher")
 NETWORK_FILE = "network.json"
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
