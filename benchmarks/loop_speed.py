@@ -6,13 +6,15 @@
 
 Side by side in one run, for one config:
 
-1. ``step``: the compiled joint step alone on device-resident synthetic batches (``ekd_jax.bench``'s
-   StepTimer: median over timed chunks), in images/s;
+1. ``step``: the compiled training program alone (the joint step, ``steps_per_call`` per call, as the trainer
+   runs it) on device-resident synthetic batches (``ekd_jax.bench``'s StepTimer: median over timed chunks),
+   in images/s;
 2. ``trainer``: ``train.train_and_evaluate`` itself on the config's data for ``--epochs`` epochs, in a
    fresh workdir, logging only at epoch ends; its images/s is the median of its own ``images_per_s``
    (evaluation excluded) over the epochs after the first (which compiles);
-3. ``host``: what the loop does per step besides the step, timed alone: this process's rows of a batch
-   (``source.train_batch``) and the global arrays made of them (``parallel.global_batch``), waited for.
+3. ``host``: what the loop does per step besides the step, timed alone: the chunks of ``steps_per_call``
+   batches the loop hands the program (``ekd_jax.feed.Feed.chunk``: this process's rows of each batch, stacked,
+   and the global arrays made of them), waited for, per step.
 
 Prints one JSON object: the three figures, ``trainer_over_step`` (the fraction of the step's speed the
 trainer keeps) and the host's ms per step next to the step's. On a fast device the step is short and the
@@ -43,6 +45,7 @@ def main(argv) -> None:
     import jax
 
     from ekd_jax import data, parallel, train
+    from ekd_jax.feed import Feed
 
     config = FLAGS.config.copy_and_resolve_references()
     with config.unlocked():
@@ -56,17 +59,15 @@ def main(argv) -> None:
     step = bench.time_step(timer, chunks=5, steps_per_chunk=0, chunk_seconds=2.0, warmup=2)
     del timer
 
-    mesh = parallel.make_mesh()
-    size = spec.batch_size
-    rows = parallel.process_rows(mesh, size)
-    for i in range(5):
-        jax.block_until_ready(parallel.global_batch(dict(zip(("image", "label"), source.train_batch(size, 0, i, rows))),
-                                                    mesh, size))
+    k = spec.steps_per_call
+    feed = Feed(source, spec.batch_size, spec.seed, k, parallel.make_mesh(), spec.data.on_device)
+    calls = max(1, FLAGS.host_steps // k)
+    jax.block_until_ready(feed.chunk(0, k))
     t = time.perf_counter()
-    for i in range(FLAGS.host_steps):
-        x, y = source.train_batch(size, spec.seed, i, rows)
-        jax.block_until_ready(parallel.global_batch({"image": x, "label": y}, mesh, size))
-    host_s = (time.perf_counter() - t) / FLAGS.host_steps
+    for c in range(calls):
+        jax.block_until_ready(feed.chunk(c * k, k))
+    host_s = (time.perf_counter() - t) / (calls * k)
+    size = spec.batch_size
 
     with tempfile.TemporaryDirectory(prefix="loop_speed_") as workdir:
         train.train_and_evaluate(config, workdir)
@@ -77,6 +78,8 @@ def main(argv) -> None:
     print(json.dumps({
         "config": sys.argv[1:],
         "batch_size": size,
+        "steps_per_call": k,
+        "on_device": spec.data.on_device,
         "step_images_per_s": step["images_per_s"],
         "step_ms": step["step_ms"],
         "trainer_images_per_s": trainer,

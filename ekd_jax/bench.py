@@ -5,8 +5,9 @@
       --out /tmp/bench.json --peak_gflops 150
 
 Builds the configured teacher, student and method exactly as the trainer does (the one build,
-``ekd_jax.build.build``, then ``init_state`` and ``compile_steps``) but never loads the dataset: the step is fed
-device-resident uint8 batches of the configured image shape and class count (``--num_classes``,
+``ekd_jax.build.build``, then ``init_state`` and ``compile_steps``) and runs the trainer's program, ``steps_per_call``
+steps per call, but never loads the dataset: the program is fed device-resident uint8 batches of the configured
+image shape and class count (``--num_classes``,
 ``--image_size``, ``--channels``; defaults follow ``data.source``). Offline methods (kd, fitnet, at)
 get a randomly initialised frozen teacher, which times the same. Reports compile seconds
 (lower + compile), the median ms/step and images/s over the timed chunks, XLA's FLOP count of one
@@ -54,7 +55,7 @@ _KNOWN_SOURCES = {
     "tfds:fashion_mnist": (10, 28, 1),
 }
 _FALLBACK = (100, 32, 3)
-SYNTHETIC_BATCHES = 4  # distinct device batches cycled through (so no step reuses its input's buffer)
+SYNTHETIC_FEEDS = 2  # distinct device chunks (steps_per_call batches each) cycled through
 SYNTHETIC_TRAIN_SIZE = 50_000  # the schedules' length in steps per epoch (the step's cost does not depend on it)
 
 
@@ -100,16 +101,19 @@ def _flops(compiled) -> float | None:
 
 @dataclasses.dataclass
 class StepTimer:
-    """The compiled joint train step of one config, ready to be timed chunk by chunk.
+    """The compiled training program of one config (its joint step, ``steps_per_call`` per call, as the trainer
+    runs it), ready to be timed chunk by chunk.
 
-    ``build(spec, ...)`` (``spec_for(config)``) compiles; ``run(n)`` runs n steps and returns their wall seconds
-    (blocking on the result). Used by this module's CLI and by benchmarks/compare_cpu.py.
+    ``build(spec, ...)`` (``spec_for(config)``) compiles; ``run(n)`` runs n steps (calls of ``steps_per_call``,
+    the last maybe fewer) and returns their wall seconds (blocking on the result). Used by this module's CLI
+    and by benchmarks/.
     """
 
-    step_fn: Any
+    steps: Any
     state: Any
-    batches: list
+    feeds: list
     batch_size: int
+    steps_per_call: int
     compile_s: float
     flops: float | None
     method: str
@@ -131,33 +135,36 @@ class StepTimer:
         facts = DataFacts(num_classes, image_shape, max(SYNTHETIC_TRAIN_SIZE, spec.batch_size), (0.5,) * c, (0.25,) * c)
         built = build(spec, facts)
         state = built.init_state(spec.seed, mesh)
-        joint = built.compile(mesh).programs["joint"]
-
-        bs = spec.batch_size
+        steps = built.compile(mesh)
+        bs, k = spec.batch_size, spec.steps_per_call
 
         def make(key):
             ki, kl = jax.random.split(key)
-            x = jax.random.randint(ki, (bs, *image_shape), 0, 256, jnp.int32).astype(jnp.uint8)
-            y = jax.random.randint(kl, (bs,), 0, num_classes, jnp.int32)
+            x = jax.random.randint(ki, (k, bs, *image_shape), 0, 256, jnp.int32).astype(jnp.uint8)
+            y = jax.random.randint(kl, (k, bs), 0, num_classes, jnp.int32)
             return {"image": x, "label": y}
 
-        make = jax.jit(make, out_shardings=parallel.batch_sharded(mesh))
-        batches = [make(jax.random.key(i)) for i in range(SYNTHETIC_BATCHES)]
-        jax.block_until_ready(batches)
+        make = jax.jit(make, out_shardings=parallel.chunk_sharded(mesh))
+        feeds = [make(jax.random.key(i)) for i in range(SYNTHETIC_FEEDS)]
+        jax.block_until_ready(feeds)
 
         t0 = time.perf_counter()
-        compiled = joint.lower(state, batches[0]).compile()
+        n = jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(mesh))
+        steps.programs["joint"] = steps.programs["joint"].lower(state, feeds[0], n, {}).compile()
         compile_s = time.perf_counter() - t0
-        return cls(compiled, state, batches, bs, compile_s, _flops(compiled), spec.method)
+        return cls(steps, state, feeds, bs, k, compile_s, _flops(steps.programs["joint"]), spec.method)
 
     def run(self, n: int) -> float:
         import jax
 
         t0 = time.perf_counter()
         metrics = None
-        for _ in range(n):
-            self.state, metrics = self.step_fn(self.state, self.batches[self._i % len(self.batches)])
+        while n > 0:
+            m = min(n, self.steps_per_call)
+            # Past any head start: the joint program.
+            self.state, metrics = self.steps.train_chunk(self.state, self.feeds[self._i % len(self.feeds)], 1 << 30, m)
             self._i += 1
+            n -= m
         jax.block_until_ready((self.state, metrics))
         return time.perf_counter() - t0
 
@@ -166,6 +173,7 @@ def time_step(timer: StepTimer, chunks: int, steps_per_chunk: int, chunk_seconds
     """Warms up, then times ``chunks`` chunks; returns the step's numbers (median over chunks)."""
     first = timer.run(max(warmup, 1)) / max(warmup, 1)
     n = steps_per_chunk or max(1, round(chunk_seconds / max(first, 1e-6)))
+    n = -(-n // timer.steps_per_call) * timer.steps_per_call  # whole calls
     per_step = [timer.run(n) / n for _ in range(chunks)]
     step_s = statistics.median(per_step)
     out = {
@@ -176,6 +184,7 @@ def time_step(timer: StepTimer, chunks: int, steps_per_chunk: int, chunk_seconds
         "achieved_gflops": None if timer.flops is None else timer.flops / 1e9 / step_s,
         "chunk_step_ms": [round(1e3 * s, 3) for s in per_step],
         "steps_per_chunk": n,
+        "steps_per_call": timer.steps_per_call,
     }
     return out
 

@@ -152,6 +152,16 @@ def is_primary() -> bool:
     return process_index() == 0
 
 
+def primary_decides(decision: bool) -> bool:
+    """Process 0's ``decision``, on every process (for a choice made from something each host measures for
+    itself, like its clock, that all processes must take alike)."""
+    if process_count() == 1:
+        return bool(decision)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(decision))))
+
+
 def sync(name: str) -> None:
     """A barrier over all processes (no-op in a single-process run). ``name`` must be the same on
     every process: the barrier checks it."""

@@ -43,6 +43,11 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def chunk_sharded(mesh: Mesh) -> NamedSharding:
+    """K batches stacked along a leading axis (the steps of one call), each sharded like a batch."""
+    return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
     n = mesh.devices.size
     if batch_size % n:
@@ -76,6 +81,16 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, global_size: int) -> 
     sharding = batch_sharded(mesh)
     return {
         k: jax.make_array_from_process_local_data(sharding, v, (int(global_size), *np.shape(v)[1:]))
+        for k, v in local.items()
+    }
+
+
+def global_chunk(local: dict[str, np.ndarray], mesh: Mesh, global_size: int) -> dict[str, jax.Array]:
+    """:func:`global_batch` for K batches stacked along a leading axis: ``local`` holds (K, this
+    process's rows, ...) of each, the result (K, ``global_size``, ...) sharded as :func:`chunk_sharded`."""
+    sharding = chunk_sharded(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (np.shape(v)[0], int(global_size), *np.shape(v)[2:]))
         for k, v in local.items()
     }
 

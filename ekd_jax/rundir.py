@@ -87,7 +87,8 @@ def config_difference(stored: dict, current: dict) -> list[str]:
     the key's default (each new switch's default keeps the earlier behaviour, the project's rule
     for new options), or, for a switch whose default changed later, its
     ``spec.BEHAVIOUR_BEFORE_SWITCH`` value. So a run from before it is resumed or reused rather than
-    refused, and never continued under a different behaviour.
+    refused, and never continued under a different behaviour. Options that change only the speed
+    (``spec.SPEED_ONLY``: steps per call, data on the device) are never a difference.
     """
     defaults = spec_lib.Spec().to_json()
     for path, value in spec_lib.BEHAVIOUR_BEFORE_SWITCH.items():
@@ -108,7 +109,7 @@ def config_difference(stored: dict, current: dict) -> list[str]:
             elif va != vb:
                 yield f"{prefix}{k}"
 
-    return list(walk(stored, current, defaults, ""))
+    return [key for key in walk(stored, current, defaults, "") if tuple(key.split(".")) not in spec_lib.SPEED_ONLY]
 
 
 def refuse_other_run(workdir, stored: dict, current: dict) -> None:

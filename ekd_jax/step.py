@@ -1,4 +1,5 @@
-"""The joint state, the ONE jitted train step that updates every trainable group, and the eval step.
+"""The joint state, the ONE jitted train step that updates every trainable group (run K steps per call), and
+the eval step.
 
 Pure functions over a :class:`JointState` pytree. The step takes the raw uint8 batch: augmentation,
 normalisation and the student's low-resolution view all happen on device inside the same jit,
@@ -15,9 +16,11 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ekd_jax import evaluation, losses, parallel
+from ekd_jax.cpu_convs import canonical_convs
 from ekd_jax.guided import GuidedModules, select_pairs
 from ekd_jax.methods import Method, Outputs, get_method, total_loss
 from ekd_jax.models import DTYPES, STAGE_SLICE, create_model
@@ -302,48 +305,97 @@ def _eval_step(nets: Networks, state: JointState, batch):
     return sums
 
 
+def _chunk(step_fn: Callable, mesh, state: JointState, feed: dict, n, resident: dict):
+    """Up to K training steps in one program: ``step_fn`` applied to the first ``n`` (traced, so that one
+    program serves every chunk length up to K) of the K batches ``feed`` holds. A feed is the batches
+    themselves (``image`` (K, B, ...), ``label`` (K, B)), or, with the training set resident on the
+    device (``resident``: its ``image`` and ``label`` arrays), their examples' indices (``index`` (K, B)).
+    Returns the state after n steps and each step's metrics as (K,) arrays (entries from n on are 0)."""
+    k = next(iter(feed.values())).shape[0]
+    sharded = parallel.batch_sharded(mesh)
+    if "index" in feed:  # all K batches gathered at once, before the loop (indices are in range: clip is a no-op)
+        chunk = parallel.chunk_sharded(mesh)
+        feed = {name: jax.lax.with_sharding_constraint(jnp.take(resident[name], feed["index"], axis=0, mode="clip"), chunk)
+                for name in ("image", "label")}
+
+    def batch_at(i):
+        batch = {name: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for name, v in feed.items()}
+        return jax.lax.with_sharding_constraint(batch, sharded)
+
+    shapes = jax.eval_shape(lambda s, i: step_fn(s, batch_at(i))[1], state, 0)
+    buffers = {name: jnp.zeros((k, *a.shape), a.dtype) for name, a in shapes.items()}
+
+    def body(i, carry):
+        state, buffers = carry
+        state, metrics = step_fn(state, batch_at(i))
+        return state, {name: buffers[name].at[i].set(metrics[name]) for name in buffers}
+
+    return jax.lax.fori_loop(0, n, body, (state, buffers))
+
+
 @dataclasses.dataclass(frozen=True)
 class Steps:
     """The compiled programs of a run.
 
-    ``train(state, batch, step_index)`` is the one call signature: the caller's step number (on
+    ``train_chunk(state, feed, first_step, n, resident)`` runs the training steps ``first_step`` ..
+    ``first_step + n - 1`` in one call (:func:`_chunk`; n at most the feed's K). The caller's step number (on
     the host, so no device round trip) picks the teacher-only head-start program before
-    ``nets.student_start`` and the joint program after it -- two separately compiled programs
-    (a ``lax.cond`` between them made XLA:CPU about 30x slower). ``eval(state, batch)`` returns
-    masked sums (``_eval_step``).
+    ``nets.student_start`` and the joint program after it -- two separately compiled programs (a
+    ``lax.cond`` between them made XLA:CPU about 30x slower); a chunk never spans the switch (it falls on an
+    epoch boundary, and chunks stay inside epochs). Each program is the same for every n, so the steps'
+    results do not depend on how they are grouped into calls: K steps per call give bitwise the results of
+    one per call. ``train(state, batch, step_index)`` is one step (a chunk of one, through the same program).
+    ``eval(state, batch)`` returns masked sums (``_eval_step``).
     """
 
+    train_chunk: Callable
     train: Callable
     eval: Callable
-    precompile: Callable  # precompile(state, batch_size, eval_batch_size, image_shape): all compiled now
+    precompile: Callable  # precompile(state, feed, resident, eval_batch_size, image_shape): all compiled now
     programs: dict  # 'joint', 'head' (with a head start), 'eval': the jitted (or compiled) programs
 
 
 def compile_steps(nets: Networks, tx: optax.GradientTransformation, mesh) -> Steps:
-    """The jitted train step (state donated) and eval step over ``mesh``: batch sharded, state
-    replicated. Programs compile when first called, or all at once with ``precompile`` (so that,
-    e.g., an out-of-memory of the joint program after a head start shows up before training)."""
+    """The jitted training programs (state donated) and eval step over ``mesh``: batches sharded along the
+    mesh, state replicated. Programs compile when first called, or all at once with ``precompile`` (so that,
+    e.g., an out-of-memory of the joint program after a head start shows up before training).
+
+    On the CPU the steps' convolutions are put in the layout XLA:CPU runs fast inside loops
+    (:mod:`ekd_jax.cpu_convs`); the values are the same."""
     rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    jit = functools.partial(jax.jit, in_shardings=(rep, bat), out_shardings=(rep, rep), donate_argnums=0)
-    programs = {"joint": jit(lambda state, batch: _train_step(nets, tx, state, batch))}
+    chunk_sharded = parallel.chunk_sharded(mesh)
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+
+    def program(step_fn):
+        step_fn = canonical_convs(step_fn) if on_cpu else step_fn
+        return jax.jit(functools.partial(_chunk, step_fn, mesh), in_shardings=(rep, chunk_sharded, rep, rep),
+                       out_shardings=(rep, rep), donate_argnums=0)
+
+    programs = {"joint": program(functools.partial(_train_step, nets, tx))}
     if nets.student_start > 0:
-        programs["head"] = jit(lambda state, batch: _head_start_step(nets, tx, state, batch))
+        programs["head"] = program(functools.partial(_head_start_step, nets, tx))
     programs["eval"] = jax.jit(lambda state, batch: _eval_step(nets, state, batch), in_shardings=(rep, bat), out_shardings=rep)
 
+    def train_chunk(state, feed, first_step: int, n: int, resident=None):
+        name = "head" if first_step < nets.student_start else "joint"
+        return programs[name](state, feed, np.int32(n), resident or {})
+
     def train(state, batch, step_index: int):
-        return programs["head" if step_index < nets.student_start else "joint"](state, batch)
+        feed = jax.tree_util.tree_map(lambda x: jax.lax.expand_dims(x, (0,)), batch)
+        state, metrics = train_chunk(state, jax.device_put(feed, chunk_sharded), step_index, 1)
+        return state, {name: m[0] for name, m in metrics.items()}
 
     def evaluate(state, batch):
         return programs["eval"](state, batch)
 
-    def precompile(state, batch_size: int, eval_batch_size: int, image_shape) -> None:
-        def spec(n, with_mask=False):
-            b = {"image": jax.ShapeDtypeStruct((n, *image_shape), jnp.uint8, sharding=bat),
-                 "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=bat)}
-            return {**b, "mask": jax.ShapeDtypeStruct((n,), jnp.float32, sharding=bat)} if with_mask else b
+    def precompile(state, feed, resident, eval_batch_size: int, image_shape) -> None:
+        """``feed`` and ``resident``: arrays, or their ``jax.ShapeDtypeStruct``s."""
+        n = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+        for name in [p for p in programs if p != "eval"]:
+            programs[name] = programs[name].lower(state, feed, n, resident or {}).compile()
+        batch = {"image": jax.ShapeDtypeStruct((eval_batch_size, *image_shape), jnp.uint8, sharding=bat),
+                 "label": jax.ShapeDtypeStruct((eval_batch_size,), jnp.int32, sharding=bat),
+                 "mask": jax.ShapeDtypeStruct((eval_batch_size,), jnp.float32, sharding=bat)}
+        programs["eval"] = programs["eval"].lower(state, batch).compile()
 
-        for name, fn in list(programs.items()):
-            batch = spec(eval_batch_size, True) if name == "eval" else spec(batch_size)
-            programs[name] = fn.lower(state, batch).compile()
-
-    return Steps(train, evaluate, precompile, programs)
+    return Steps(train_chunk, train, evaluate, precompile, programs)

@@ -7,9 +7,11 @@ checking the stored run's config), :func:`run_epochs`, :func:`finish` (saved net
 
 Everything is reproducible from (config, seed, step): batches are chosen by (seed, step) and
 augmented on device with keys fold_in(seed, step), so a run resumed from a checkpoint ends
-bitwise-identical to an uninterrupted one (on the same machine and device count). Checkpoints are
-saved after every epoch, and, when SIGINT or SIGTERM stops the run (:mod:`ekd_jax.interrupt`), at the
-step where it stopped, mid-epoch, with the epoch's metrics so far.
+bitwise-identical to an uninterrupted one (on the same machine and device count). The steps run
+``steps_per_call`` per call of the compiled program (:func:`train_epoch`), which changes no result.
+Checkpoints are saved after an epoch every ``checkpoint_every_s`` seconds and after the last, and,
+when SIGINT or SIGTERM stops the run (:mod:`ekd_jax.interrupt`), at the step where it stopped (a call
+boundary), mid-epoch, with the epoch's metrics so far.
 
 Multi-process runs (after ``ekd_jax.distributed.initialize``; ``python -m ekd_jax.main`` does it
 from its flags) are the same loop on every process: the mesh spans all devices, each process
@@ -35,6 +37,7 @@ import numpy as np
 
 from ekd_jax import checkpoint, data, distributed, evaluation, interrupt, outputs, parallel, rundir, step
 from ekd_jax.build import Built, DataFacts, build
+from ekd_jax.feed import Feed
 from ekd_jax.outputs import tree_sha256
 from ekd_jax.spec import Spec
 from ekd_jax.spec.validate import validate
@@ -89,12 +92,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 outputs.RunWriter(run.workdir, enabled=distributed.is_primary()) as out:
             state, start, best = restore(run, ckpt, out)
             out.resume(start.epoch)
+            feed = Feed(run.ds, spec.batch_size, spec.seed, spec.steps_per_call, run.mesh, spec.data.on_device)
             steps = run.built.compile(run.mesh)
             # Every program now, so that one that cannot compile (or fit) fails before any training.
-            steps.precompile(state, spec.batch_size, spec.eval_batch_size, run.ds.image_shape)
+            steps.precompile(state, feed.abstract(), feed.resident, spec.eval_batch_size, run.ds.image_shape)
             out.message(describe(run))
             stop.phase = "training"
-            state, best = run_epochs(run, state, start, best, steps, ckpt, out, stop)
+            state, best = run_epochs(run, state, start, best, steps, feed, ckpt, out, stop)
             stop.phase = "finish"
         return finish(run, state, best, out, time.time() - t_start)
 
@@ -217,14 +221,15 @@ def _load_frozen_teacher(run: Run, state: step.JointState) -> step.JointState:
 # --------------------------------------------------------------------------- epochs
 
 
-def run_epochs(run: Run, state, start: Start, best: dict, steps: step.Steps, ckpt, out, stop=None):
+def run_epochs(run: Run, state, start: Start, best: dict, steps: step.Steps, feed: Feed, ckpt, out, stop=None):
     """Trains, evaluates, records and checkpoints every remaining epoch; returns (state, best).
     Stopped by a signal (``stop``), it saves the step reached and raises ``interrupt.Interrupted``."""
     ranked = "student/top1" if run.nets.method.runs_student else "teacher/top1"
+    saved_at = time.monotonic()  # the last checkpoint, or the start of training
     for epoch in range(start.epoch, run.num_epochs):
         t0 = time.time()
         resumed = start if epoch == start.epoch else Start(epoch)
-        state, history = train_epoch(run, state, epoch, steps.train, out, resumed, stop)
+        state, history = train_epoch(run, state, epoch, steps, feed, out, resumed, stop)
         if len(history) < run.steps_per_epoch:  # stopped by a signal at a step boundary
             save_stopped(run, state, epoch, history, best, ckpt, stop)
         train_s = time.time() - t0
@@ -235,42 +240,72 @@ def run_epochs(run: Run, state, start: Start, best: dict, steps: step.Steps, ckp
         if ranked in rec and rec[ranked] > best["student/top1"]:
             best = {"student/top1": rec[ranked], "epoch": epoch}
         out.record(rec)
-        # An epoch without an evaluation of the ranked network is never the best (-1 < any accuracy).
-        ckpt.save(rec["step"], state, {"epoch": epoch, "best": best, "config": run.config_json}, rec.get(ranked, -1.0))
+        due = epoch + 1 == run.num_epochs or time.monotonic() - saved_at >= run.spec.checkpoint_every_s
+        if distributed.primary_decides(due):  # every process saves, or none (a clock per host)
+            # An epoch without an evaluation of the ranked network is never the best (-1 < any accuracy).
+            ckpt.save(rec["step"], state, {"epoch": epoch, "best": best, "config": run.config_json}, rec.get(ranked, -1.0))
+            saved_at = time.monotonic()
     ckpt.wait()
     return state, best
 
 
-def train_epoch(run: Run, state, epoch: int, train_step, out, start: Start | None = None, stop=None):
-    """One epoch of steps from ``start.index``; checks the loss terms are finite at every log point.
-    Returns (state, metrics per step); fewer than the epoch's steps when ``stop`` said to stop."""
-    spe, every, size = run.steps_per_epoch, run.spec.log_every_steps, run.spec.batch_size
+def train_epoch(run: Run, state, epoch: int, steps: step.Steps, feed: Feed, out, start: Start | None = None,
+                stop=None):
+    """One epoch of steps from ``start.index``, ``feed.k`` per call of the compiled program. Every step's loss
+    terms are checked finite, one call behind (the device meanwhile has the next call queued). Returns
+    (state, metrics per step); fewer than the epoch's steps when ``stop`` said to stop (at a call boundary)."""
+    spe = run.steps_per_epoch
     start = start or Start(epoch)
-    rows = parallel.process_rows(run.mesh, size)  # this process's share of every global batch
     history: list[dict] = list(start.history)
     progress = _Progress(spe, epoch, run.num_epochs, enabled=out.enabled, initial=start.index)
-    for i in range(start.index, spe):
+    base = epoch * spe
+    chunks = chunk_bounds(start.index, spe, feed.k)
+    fed = feed.chunk(base + chunks[0][0], chunks[0][1] - chunks[0][0]) if chunks else None
+    pending = None  # the last call's (first index, steps, metrics on the device): checked after the next call
+    for c, (i, j) in enumerate(chunks):
         if stop is not None and stop.poll():
             break
-        gstep = epoch * spe + i
-        x, y = run.ds.train_batch(size, run.spec.seed, gstep, rows)
-        state, m = train_step(state, parallel.global_batch({"image": x, "label": y}, run.mesh, size), gstep)
-        history.append(m)
-        progress.update()
-        if (i + 1) % every == 0 or i + 1 == spe:
-            first = len(history) - ((i % every) + 1)
-            window = jax.device_get(history[first:])
-            bad = _first_non_finite(window, epoch * spe + first)
-            if bad is not None:
-                raise NonFiniteLossError(
-                    f"loss term {bad[1]!r} became non-finite at step {bad[0]} (epoch {epoch + 1}); "
-                    "lower optimizer.learning_rate or the loss weights"
-                )
-            history[first:] = window
-            if not progress.tty:
-                out.message(f"epoch {epoch + 1} step {i + 1}/{spe}: loss {float(window[-1]['loss']):.4f}")
+        state, metrics = steps.train_chunk(state, fed, base + i, j - i, feed.resident)
+        if c + 1 < len(chunks):  # the next call's batches, on the device before it is needed
+            fed = feed.chunk(base + chunks[c + 1][0], chunks[c + 1][1] - chunks[c + 1][0])
+        if pending is not None:
+            history += _checked(run, epoch, *pending, out, progress)
+        pending = (i, j - i, metrics)
+    if pending is not None:
+        history += _checked(run, epoch, *pending, out, progress)
     progress.close()
     return state, history
+
+
+def chunk_bounds(first: int, steps_per_epoch: int, k: int) -> list[tuple[int, int]]:
+    """The calls of an epoch from index ``first``: ``[(i, j), ...]``, steps i..j-1 each, ending at the
+    multiples of ``k`` and at the epoch's end, so that a run resumed mid-epoch keeps the same boundaries."""
+    bounds, i = [], first
+    while i < steps_per_epoch:
+        j = min(steps_per_epoch, (i // k + 1) * k)
+        bounds.append((i, j))
+        i = j
+    return bounds
+
+
+def _checked(run: Run, epoch: int, first: int, n: int, metrics: dict, out, progress) -> list[dict]:
+    """A call's metrics, fetched, as one dict per step; a non-finite loss term stops the run naming its step.
+    Prints the lines of the log points (``log_every_steps``, and the epoch's last step) among its steps."""
+    spe, every = run.steps_per_epoch, run.spec.log_every_steps
+    fetched = jax.device_get(metrics)
+    window = [{k: v[s] for k, v in fetched.items()} for s in range(n)]
+    bad = _first_non_finite(window, epoch * spe + first)
+    if bad is not None:
+        raise NonFiniteLossError(
+            f"loss term {bad[1]!r} became non-finite at step {bad[0]} (epoch {epoch + 1}); "
+            "lower optimizer.learning_rate or the loss weights"
+        )
+    progress.update(n)
+    if not progress.tty:
+        for s in range(first, first + n):
+            if (s + 1) % every == 0 or s + 1 == spe:
+                out.message(f"epoch {epoch + 1} step {s + 1}/{spe}: loss {float(window[s - first]['loss']):.4f}")
+    return window
 
 
 def save_stopped(run: Run, state, epoch: int, history: list[dict], best: dict, ckpt, stop) -> None:
@@ -280,8 +315,7 @@ def save_stopped(run: Run, state, epoch: int, history: list[dict], best: dict, c
     ckpt.wait()
     if at and at not in ckpt.all_steps():
         stop.saving = at
-        window = jax.device_get(history)  # the steps since the last log point are still on the device
-        partial = {"epoch": epoch, "history": [{k: float(v) for k, v in m.items()} for m in window]}
+        partial = {"epoch": epoch, "history": [{k: float(v) for k, v in m.items()} for m in history]}
         ckpt.save(at, state, {"epoch": epoch - 1, "best": best, "config": run.config_json, "partial": partial}, -1.0)
         ckpt.wait()
         stop.saving = None

@@ -60,10 +60,10 @@ def fake_batch(step_index, batch_size=8, image_shape=(8, 8, 3), num_classes=5):
 
 
 def run_steps(nets, tx, state, mesh, n, batch_size=8, image_shape=(8, 8, 3)):
-    train_step = step.compile_steps(nets, tx, mesh).train
-    metrics = []
-    for i in range(n):
-        batch = parallel.shard_batch(fake_batch(i, batch_size, image_shape), mesh)
-        state, m = train_step(state, batch, i)
-        metrics.append(m)
-    return state, jax.device_get(metrics)
+    """n steps on ``fake_batch(0..n-1)`` in one call of the training program (as the trainer runs them, K = n);
+    returns (state, one metrics dict per step)."""
+    batches = [fake_batch(i, batch_size, image_shape) for i in range(n)]
+    feed = parallel.global_chunk({k: np.stack([b[k] for b in batches]) for k in ("image", "label")}, mesh, batch_size)
+    state, m = step.compile_steps(nets, tx, mesh).train_chunk(state, feed, 0, n)
+    m = jax.device_get(m)
+    return state, [{k: v[i] for k, v in m.items()} for i in range(n)]

@@ -157,7 +157,8 @@ def _fake_checkpoint(wd: pathlib.Path, config_json: dict) -> None:
 
 # The two real runs: one network, 2 steps an epoch, XLA's optimisations off (as in conftest):
 # compiling dominates, and neither property depends on the optimised program.
-LEAN = ("--config.method=vanilla", "--config.data.train_fraction=0.05")
+# A checkpoint after every epoch (not every 30 s): the interrupted-save tests need the first epoch's.
+LEAN = ("--config.method=vanilla", "--config.data.train_fraction=0.05", "--config.checkpoint_every_s=0")
 
 
 def _main(wd, *args):
@@ -353,6 +354,11 @@ VALIDATE_CASES = {
     "eval_every_epochs_0": ({"eval_every_epochs": 0}, ["eval_every_epochs=0"]),
     "log_every_steps_0": ({"log_every_steps": 0}, ["log_every_steps=0"]),
     "checkpoint_keep_0": ({"checkpoint_keep": 0}, ["checkpoint_keep=0"]),
+    "steps_per_call_0": ({"steps_per_call": 0}, ["steps_per_call=0", "--config.steps_per_call"]),
+    "checkpoint_every_s_negative": ({"checkpoint_every_s": -1.0}, ["checkpoint_every_s=-1.0"]),
+    "on_device_stream": ({"data.on_device": True, "data.source": "arrayrecord:/nonexistent/*.arrayrecord",
+                          "data.image_size": 32, "data.crop_padding": 0, "data.mean": (0.5,) * 3, "data.std": (0.25,) * 3},
+                         ["data.on_device=True", "stream"]),
     "lr_0": ({"optimizer.learning_rate": 0.0}, ["optimizer.learning_rate=0.0"]),
     "lr_negative": ({"optimizer.learning_rate": -0.1}, ["optimizer.learning_rate=-0.1"]),
     "momentum_1.5": ({"optimizer.momentum": 1.5}, ["optimizer.momentum=1.5", "[0, 1)"]),

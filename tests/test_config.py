@@ -41,6 +41,21 @@ def test_a_switch_whose_default_changed_compares_against_the_old_behaviour():
     assert config_difference(stored, _json(current)) == ["teacher.head_start"]
 
 
+def test_speed_only_options_are_never_a_difference():
+    """steps_per_call, data.on_device and checkpoint_every_s change how fast a run goes, not its results: a run
+    stopped under some values resumes under others (tests/test_train.py checks the result is bitwise the same)."""
+    stored = _json(base_config())
+    current = base_config()
+    current.steps_per_call, current.data.on_device, current.checkpoint_every_s = 1, True, 0.0
+    assert config_difference(stored, _json(current)) == []
+    for key in ("steps_per_call", "checkpoint_every_s"):  # a run from before these options existed
+        del stored[key]
+    del stored["data"]["on_device"]
+    assert config_difference(stored, _json(current)) == []
+    current.batch_size = 32  # ... while an option that changes results still is one
+    assert config_difference(stored, _json(current)) == ["batch_size"]
+
+
 def test_default_is_the_paper_s_simultaneous_start():
     """METHOD.md, "What the paper states", item 1: the default EKD has no teacher head start."""
     c = base_config()

@@ -77,6 +77,7 @@ def test_default_config_fields():
         crop_ratio=(3 / 4, 4 / 3),
         eval_resize=None,
         workers=0,
+        on_device=False,
     )
 
 

@@ -286,11 +286,12 @@ def test_guided_modules_and_joint_step_of_the_standard_pairs(pair, method, guide
         assert _count(state.params["guide"]) > 0
     assert _count(state.params["teacher"]) == REF[teacher]["trainable_params"]
     assert _count(state.params["student"]) == REF[student]["trainable_params"]
-    batch = {"image": jax.ShapeDtypeStruct((4, *shape), jnp.uint8), "label": jax.ShapeDtypeStruct((4,), jnp.int32)}
+    # Two steps per call of the training program, as the trainer runs it (K = 2).
+    feed = {"image": jax.ShapeDtypeStruct((2, 4, *shape), jnp.uint8), "label": jax.ShapeDtypeStruct((2, 4), jnp.int32)}
     joint = step.compile_steps(nets, tx, parallel.make_mesh()).programs["joint"]
-    new_state, metrics = jax.eval_shape(joint, state, batch)
+    new_state, metrics = jax.eval_shape(joint, state, feed, jax.ShapeDtypeStruct((), jnp.int32), {})
     assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
-    assert all(m.shape == () for m in metrics.values())
+    assert all(m.shape == (2,) for m in metrics.values())
     terms = {"adapter": {"student/guided"}, "aux_head": {"student/guided", "teacher/aux_ce"}, None: {"student/at"}}
     assert terms[guide] <= set(metrics), sorted(metrics)
 

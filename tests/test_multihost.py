@@ -29,7 +29,8 @@ DEADLINE_S = 420  # per run; a normal one takes 20-60 s here
 # (XLA's in-process all-reduce vs gloo's); at 0.05 this tiny, barely trained run amplifies that
 # float reordering to 1e-4 in 22 steps, at 0.01 both agree to ~1e-8. Stated here too, so the
 # comparison stays about who computes which rows, not about chaotic dynamics, if the config moves.
-ARGS = ("--config.optimizer.learning_rate=0.01",)
+ARGS = ("--config.optimizer.learning_rate=0.01",
+        "--config.checkpoint_every_s=0")  # a checkpoint after every epoch (not every 30 s): the resume tests use them
 
 
 def _free_port() -> int:
@@ -186,7 +187,8 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step(runs, tmp_path):
     exit 143; the same command on both resumes there and ends as the uninterrupted run."""
     multi = runs[0]
     wd = tmp_path / "stopped"
-    procs = _launch(wd, 2, 2, "--config.log_every_steps=1")
+    # Two steps per call, so that there are call boundaries to stop at mid-epoch; resumed at the default 16.
+    procs = _launch(wd, 2, 2, "--config.log_every_steps=1", "--config.steps_per_call=2")
     deadline = time.time() + DEADLINE_S
     try:
         while time.time() < deadline and all(p.poll() is None for p, _, _ in procs):

@@ -131,7 +131,8 @@ def test_ekd_native_lowres_student_through_train_evaluate_and_export(tmp_path):
 def test_aux_head_guides_train_through_train_and_evaluate(tmp_path):
     """guided.type=aux_head over a whole run: both sides' heads exist and learn, the teacher-side
     heads' label CE and the student's guided KL are recorded, and the epoch loss is the sum of its terms."""
-    s = train.train_and_evaluate(_quickstart_tiny(num_epochs=2, **{"guided.type": "aux_head"}), str(tmp_path))
+    s = train.train_and_evaluate(_quickstart_tiny(num_epochs=2, checkpoint_every_s=0.0, **{"guided.type": "aux_head"}),
+                                 str(tmp_path))
     records = _records(tmp_path)
     assert len(records) == 2
     final = records[-1]

@@ -486,8 +486,33 @@ def test_precompile_compiles_every_program_before_the_first_step():
     nets, tx, state, mesh = helpers.build(helpers.tiny_config("ekd"), student_start=2)
     steps = step.compile_steps(nets, tx, mesh)
     assert set(steps.programs) == {"joint", "head", "eval"}
-    steps.precompile(state, 8, 8, (8, 8, 3))
+    chunk = parallel.global_chunk({k: np.stack([helpers.fake_batch(i)[k] for i in range(2)]) for k in ("image", "label")},
+                                  mesh, 8)  # K = 2 steps per call
+    steps.precompile(state, chunk, {}, 8, (8, 8, 3))
     assert all(isinstance(p, jax.stages.Compiled) for p in steps.programs.values())
-    for i in range(3):  # head, head, joint: each runs its precompiled program (a shape mismatch would raise)
-        state, m = steps.train(state, parallel.shard_batch(helpers.fake_batch(i), mesh), i)
-    assert "student/ce" in m and int(state.step) == 3
+    # head (2 steps), then joint (1 step of a call): each runs its precompiled program (a shape mismatch would raise)
+    state, m = steps.train_chunk(state, chunk, 0, 2)
+    assert "student/ce" not in m and int(state.step) == 2
+    state, m = steps.train_chunk(state, chunk, 2, 1)
+    assert "student/ce" in m and int(state.step) == 3 and float(m["student/ce"][1]) == 0.0  # step 2 of the call: not run
+
+
+def test_k_steps_per_call_give_bitwise_the_steps_one_per_call():
+    """The training program runs any number of steps up to its K through one loop body: three steps in one call,
+    in calls of 2 + 1, and one per call end bitwise alike (parameters, BN statistics, optimizer state, metrics)."""
+    config = helpers.tiny_config("ekd", **{"optimizer.learning_rate": 0.01})
+    nets, tx, state, mesh = helpers.build(config)
+    steps = step.compile_steps(nets, tx, mesh)
+    batches = [helpers.fake_batch(i) for i in range(3)]
+    chunk = lambda bs: parallel.global_chunk({k: np.stack([b[k] for b in bs]) for k in ("image", "label")}, mesh, 8)  # noqa: E731
+    runs = {}
+    for name, calls in {"3": [(0, 3)], "2+1": [(0, 2), (2, 3)], "1+1+1": [(0, 1), (1, 2), (2, 3)]}.items():
+        s, ms = jax.tree_util.tree_map(jnp.copy, state), []
+        for a, b in calls:
+            s, m = steps.train_chunk(s, chunk(batches[a:b]), a, b - a)
+            m = jax.device_get(m)
+            ms += [{k: v[i] for k, v in m.items()} for i in range(b - a)]
+        runs[name] = (jax.device_get(s), ms)
+    for name in ("2+1", "1+1+1"):
+        chex.assert_trees_all_equal(runs[name][0], runs["3"][0])
+        assert runs[name][1] == runs["3"][1], name

@@ -35,8 +35,9 @@ def tiny(**overrides):
 
 
 def cli(workdir, *args, timeout=600):
+    # A checkpoint after every epoch (not every 30 s): the resume tests resume from the epochs' checkpoints.
     cmd = [sys.executable, "-m", "ekd_jax.main", "--config", str(REPO / "configs/quickstart.py:tiny"),
-           "--workdir", str(workdir), f"--config.num_epochs={EPOCHS}", *args]
+           "--workdir", str(workdir), f"--config.num_epochs={EPOCHS}", "--config.checkpoint_every_s=0", *args]
     # XLA's optimisations ON, unlike the rest of the suite (conftest): the resume test checks the
     # program users run. In-process runs that continue these checkpoints and compare bitwise use the
     # `xla_optimizations` fixture, so that both sides compile the same way.
@@ -137,9 +138,10 @@ STEPS_PER_EPOCH = 11  # the tiny config: 359 digits, batch 32
 
 
 def _stop_mid_epoch(wd, sig, epoch=3, after=2):
-    """Starts the reference run's command (logging every step), sends ``sig`` once epoch ``epoch``
-    (counted from 1) has logged step ``after``, and returns (exit status, stdout, stderr)."""
-    cmd, env = cli(wd, *HEAD_START, "--config.log_every_steps=1")
+    """Starts the reference run's command (logging every step, two steps per call of the compiled program, so
+    that there are boundaries to stop at mid-epoch), sends ``sig`` once epoch ``epoch`` (counted from 1) has
+    logged step ``after``, and returns (exit status, stdout, stderr)."""
+    cmd, env = cli(wd, *HEAD_START, "--config.log_every_steps=1", "--config.steps_per_call=2")
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines, mark = [], f"epoch {epoch} step {after}/{STEPS_PER_EPOCH}:"
     try:
@@ -160,9 +162,10 @@ def _checkpoint_steps(wd) -> list[int]:
 
 
 def test_sigterm_saves_the_step_reached_and_resume_is_bitwise_identical(reference_run, tmp_path):
-    """A cluster's SIGTERM mid-epoch: the run stops at the next step boundary, saves a checkpoint of that
-    very step, says so in one line, exits 143; the same command resumes there and ends as the
-    uninterrupted run did, every record included."""
+    """A cluster's SIGTERM mid-epoch: the run stops at the next boundary between calls of the compiled
+    program, saves a checkpoint of that very step, says so in one line, exits 143; the same command
+    resumes there and ends as the uninterrupted run did, every record included -- here resumed at the
+    default steps per call (16) after stopping at 2, so the calls group the steps differently."""
     ref_wd, ref = reference_run
     wd = tmp_path / "stopped"
     status, out, err = _stop_mid_epoch(wd, signal.SIGTERM)
@@ -174,7 +177,7 @@ def test_sigterm_saves_the_step_reached_and_resume_is_bitwise_identical(referenc
     assert _checkpoint_steps(wd)[-1] == stopped
     assert not (wd / "summary.json").exists()
 
-    r = run_cli(wd, *HEAD_START, "--config.log_every_steps=1")
+    r = run_cli(wd, *HEAD_START, "--config.log_every_steps=1")  # steps_per_call: the default
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming at step {stopped} (epoch 3, step {stopped - 2 * STEPS_PER_EPOCH + 1} of 11)" in r.stdout
     # The resumed epoch runs only its remaining steps.
@@ -186,6 +189,32 @@ def test_sigterm_saves_the_step_reached_and_resume_is_bitwise_identical(referenc
     strip = lambda recs: [{k: v for k, v in r.items() if k != "images_per_s"} for r in recs]  # noqa: E731
     read = lambda p: [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert strip(read(wd)) == strip(read(ref_wd))  # the stopped epoch's means too: its first steps were saved
+
+
+@pytest.mark.parametrize("options", [("--config.steps_per_call=1",),
+                                     ("--config.steps_per_call=3", "--config.data.on_device=true")], ids=["k1", "k3-on-device"])
+def test_steps_per_call_and_data_on_device_do_not_change_the_run(reference_run, tmp_path, options):
+    """The reference run (16 steps per call, more than its 11-step epochs) again at 1 step per call, and at 3
+    with the training set on the device (batches gathered there from their indices): the same networks,
+    bitwise, and every record but the speed."""
+    ref_wd, ref = reference_run
+    r = run_cli(tmp_path / "run", *HEAD_START, *options)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for k in ("student_params_sha256", "teacher_params_sha256", "teacher_top1", "student_top1", "steps"):
+        assert s[k] == ref[k], k
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "images_per_s"} for r in recs]  # noqa: E731
+    read = lambda p: [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert strip(read(tmp_path / "run")) == strip(read(ref_wd))
+
+
+def test_epoch_checkpoints_are_spaced_by_checkpoint_every_s(tmp_path):
+    """Epochs shorter than checkpoint_every_s are not each saved (a save costs more host time than these
+    epochs train): only the last epoch's checkpoint is, and a signal still saves the step reached."""
+    summary = train.train_and_evaluate(tiny(checkpoint_every_s=3600.0), str(tmp_path / "wd"))
+    assert _checkpoint_steps(tmp_path / "wd") == [summary["steps"]] == [EPOCHS * STEPS_PER_EPOCH]
+    train.train_and_evaluate(tiny(checkpoint_every_s=0.0, num_epochs=2), str(tmp_path / "each"))
+    assert _checkpoint_steps(tmp_path / "each") == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
 
 
 def test_ctrl_c_saves_the_step_reached_and_exits_130(tmp_path):

@@ -177,12 +177,14 @@ def calib_worker(a) -> None:
     import jax
 
     from ekd_jax import outputs, train
+    from ekd_jax.feed import Feed
 
     run = train.set_up(cfg, spec["workdir"])
     state = run.built.init_state(run.spec.seed, run.mesh)
     steps = run.built.compile(run.mesh)
+    feed = Feed(run.ds, run.spec.batch_size, run.spec.seed, run.spec.steps_per_call, run.mesh, run.spec.data.on_device)
     tc = time.time()
-    steps.precompile(state, run.spec.batch_size, run.spec.eval_batch_size, run.ds.image_shape)
+    steps.precompile(state, feed.abstract(), feed.resident, run.spec.eval_batch_size, run.ds.image_shape)
     out = outputs.RunWriter(run.workdir, enabled=False)
     print(f"ready {time.time() - t0:.3f} {time.time() - tc:.3f} {run.steps_per_epoch}", flush=True)
     for epoch, line in enumerate(sys.stdin):
@@ -190,7 +192,7 @@ def calib_worker(a) -> None:
         if not line or line == "quit":
             break
         t = time.time()
-        state, _ = train.train_epoch(run, state, epoch, steps.train, out)
+        state, _ = train.train_epoch(run, state, epoch, steps, feed, out)
         jax.block_until_ready(state)
         t1 = time.time()
         train.evaluate(run, state, steps.eval)

@@ -85,6 +85,10 @@ class Source(Protocol):
         """uint8 images and int32 labels of global ``step``'s batch (only the positions ``rows``, this
         process's, when given); a function of (seed, step) alone."""
 
+    def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The whole training split (images, labels) as ``train_batch`` indexes it, for ``data.on_device``;
+        in-memory sources only (the spec refuses ``on_device`` for a stream)."""
+
     def eval_batches(self, batch_size: int,
                      rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """``(x, y, mask)`` covering every held-out example once, every batch ``batch_size`` long (the last

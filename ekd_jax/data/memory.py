@@ -64,6 +64,10 @@ class Dataset:
     def test_size(self) -> int:
         return int(self.x_test.shape[0])
 
+    def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The whole training split, (images, labels), indexed as :meth:`train_batch` indexes it."""
+        return self.x_train, self.y_train
+
     def train_batch(
         self, batch_size: int, seed: int, step: int, rows: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -63,6 +63,9 @@ class DataSpec:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # stream: its aspect ratio (min, max)
     eval_resize: int | None = None  # stream: shorter side before the centre crop (None = image_size)
     workers: int = 0  # stream: grain worker processes (0 = in the training process)
+    # The training split held on the device (replicated on each), batches gathered there from their indices:
+    # no images cross from the host while training. For in-memory sources that fit on every device.
+    on_device: bool = False
 
     @property
     def kind(self) -> str:
@@ -178,6 +181,15 @@ class Spec:
     log_every_steps: int = 100
     checkpoint_keep: int = 2  # latest N kept, plus the best by student top-1
     async_checkpoint: bool = True
+    # An epoch's checkpoint is saved when at least this many seconds have passed since the last one (or since
+    # training started), and always after the last epoch; a signal always saves the step reached. 0 = after
+    # every epoch. A save costs about 0.3 s of host CPU however small the state: with epochs of a second or
+    # less, saving each of them slowed training by half (docs/performance.md).
+    checkpoint_every_s: float = 30.0
+    # Training steps per call of the compiled program (a loop over K batches on the device), so that the host
+    # dispatches once per K steps. Results do not depend on it (bitwise); chunks stay inside epochs, and the
+    # run stops for a signal at a chunk boundary. docs/performance.md has the measurements behind the default.
+    steps_per_call: int = 16
 
     def network(self, which: str) -> TeacherSpec | StudentSpec:
         """``teacher`` or ``student``."""
@@ -187,6 +199,9 @@ class Spec:
         """The spec as the JSON object a run stores (summary.json, checkpoints): every option."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+
+# Options that change how fast a run goes, never its results: a stored run resumes under other values.
+SPEED_ONLY: frozenset[tuple[str, ...]] = frozenset({("steps_per_call",), ("data", "on_device"), ("checkpoint_every_s",)})
 
 # Switches whose default has changed since they were added: the value that reproduces what the
 # project did before the switch existed (a stored config without the key ran with this value).

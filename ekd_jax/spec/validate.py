@@ -121,9 +121,11 @@ def _check_run(s: spec_lib.Spec, method) -> None:
               + f"; use one of {', '.join(available_models())}")
     _need(_int(s.seed) and s.seed >= 0, "seed", s.seed, "an integer >= 0")
     for key, low in (("num_epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("eval_every_epochs", 1),
-                     ("log_every_steps", 1), ("checkpoint_keep", 1)):
+                     ("log_every_steps", 1), ("checkpoint_keep", 1), ("steps_per_call", 1)):
         _need(_int(getattr(s, key)) and getattr(s, key) >= low, key, getattr(s, key), f"an integer >= {low}")
     _need(s.dtype in DTYPES, "dtype", s.dtype, f"use one of {DTYPES}")
+    _need(_number(s.checkpoint_every_s) and s.checkpoint_every_s >= 0, "checkpoint_every_s", s.checkpoint_every_s,
+          "seconds >= 0 between epoch checkpoints (0 = after every epoch)")
     h = s.teacher.head_start
     _need(_number(h) and h >= 0, "teacher.head_start", h, "a fraction of num_epochs >= 0 (0 = no head start)")
 
@@ -291,6 +293,8 @@ def _check_stream_fields(d: spec_lib.DataSpec, check_files: bool = True) -> None
     """The stream's fields (and the fixed statistics, which both paths honour)."""
     if d.streaming not in (True, False):
         _fail("streaming", d.streaming, "True (read tfds:<name> by index with grain) or False")
+    if d.on_device not in (True, False):
+        _fail("on_device", d.on_device, "True (the training split held on the device) or False")
     for key, v in (("mean", d.mean), ("std", d.std)):
         if not _numbers(v):
             _fail(key, v, "a tuple of numbers, one per channel in [0, 1] units (empty = measured on the training split)")
@@ -310,6 +314,8 @@ def _check_stream_fields(d: spec_lib.DataSpec, check_files: bool = True) -> None
         _fail("eval_resize", resize, "a positive int (the shorter side before the centre crop), or None (= data.image_size)")
     if not d.is_stream:
         return
+    if d.on_device:
+        _fail("on_device", True, "False with a stream, which reads data larger than memory by index on the host")
     if d.kind not in STREAM_SOURCES:
         _fail("streaming", True, f"the stream reads tfds:<name> or arrayrecord:<pattern> sources, not {d.source!r}")
     if size is None:
