@@ -1,5 +1,6 @@
 """Stopping a run cleanly: SIGINT (Ctrl-C) and SIGTERM (SLURM, a preempted VM) end training at a step
-boundary, after a checkpoint of that exact step, so that the same command resumes where it stopped.
+boundary (between two calls of the compiled program, every ``steps_per_call`` steps), after a checkpoint
+of that exact step, so that the same command resumes where it stopped.
 
 While the loop trains, the first signal only asks it to stop (:meth:`StopSignals.poll` answers at each step
 boundary); before training starts (loading data, compiling) there is nothing to save, and a signal stops
