@@ -221,6 +221,17 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step(runs, tmp_path):
     assert strip(_records(wd)) == strip(_records(multi))
 
 
+def test_two_processes_with_the_training_set_on_the_devices_train_the_same(runs, tmp_path):
+    """data.on_device over 2 processes (each uploads the whole split, replicated; each sends only its rows'
+    indices) at 4 steps per call: bitwise the run that feeds each process's rows of 16-step calls from the host."""
+    multi = runs[0]
+    wd = tmp_path / "on_device"
+    _wait(_launch(wd, 2, 2, "--config.data.on_device=true", "--config.steps_per_call=4"))
+    a, b = (json.loads((w / "summary.json").read_text()) for w in (wd, multi))
+    for k in ("teacher_params_sha256", "student_params_sha256", "teacher_top1", "student_top1", "steps"):
+        assert a[k] == b[k], k
+
+
 def test_a_refusal_on_one_process_stops_every_process(tmp_path):
     """A data file that only process 0 sees (each process has its own HOME): process 1 refuses,
     and process 0, instead of waiting for it in the next collective, stops with process 1's
