@@ -114,6 +114,7 @@ class StepTimer:
     feeds: list
     batch_size: int
     steps_per_call: int
+    joint_from: int  # the first step of the joint program (after any teacher head start)
     compile_s: float
     flops: float | None
     method: str
@@ -152,7 +153,7 @@ class StepTimer:
         n = jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(mesh))
         steps.programs["joint"] = steps.programs["joint"].lower(state, feeds[0], n, {}).compile()
         compile_s = time.perf_counter() - t0
-        return cls(steps, state, feeds, bs, k, compile_s, _flops(steps.programs["joint"]), spec.method)
+        return cls(steps, state, feeds, bs, k, built.head.steps, compile_s, _flops(steps.programs["joint"]), spec.method)
 
     def run(self, n: int) -> float:
         import jax
@@ -161,8 +162,8 @@ class StepTimer:
         metrics = None
         while n > 0:
             m = min(n, self.steps_per_call)
-            # Past any head start: the joint program.
-            self.state, metrics = self.steps.train_chunk(self.state, self.feeds[self._i % len(self.feeds)], 1 << 30, m)
+            feed = self.feeds[self._i % len(self.feeds)]
+            self.state, metrics = self.steps.train_chunk(self.state, feed, self.joint_from, m)
             self._i += 1
             n -= m
         jax.block_until_ready((self.state, metrics))

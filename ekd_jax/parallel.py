@@ -74,31 +74,34 @@ def process_rows(mesh: Mesh, global_size: int) -> np.ndarray:
     return _process_rows(mesh, int(global_size))
 
 
+def _from_process_rows(local: dict[str, np.ndarray], sharding: NamedSharding, axis: int,
+                       global_size: int) -> dict[str, jax.Array]:
+    """Global arrays from this process's rows along ``axis`` (of ``global_size`` in all); no communication."""
+    def global_shape(v):
+        shape = list(np.shape(v))
+        shape[axis] = int(global_size)
+        return tuple(shape)
+
+    return {k: jax.make_array_from_process_local_data(sharding, v, global_shape(v)) for k, v in local.items()}
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh, global_size: int) -> dict[str, jax.Array]:
     """This process's rows (``local``, ordered as :func:`process_rows` says) -> global arrays of
     ``global_size`` rows sharded along the batch axis: one transfer per local device, and no
     communication between processes."""
-    sharding = batch_sharded(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, v, (int(global_size), *np.shape(v)[1:]))
-        for k, v in local.items()
-    }
+    return _from_process_rows(local, batch_sharded(mesh), 0, global_size)
 
 
 def global_chunk(local: dict[str, np.ndarray], mesh: Mesh, global_size: int) -> dict[str, jax.Array]:
     """:func:`global_batch` for K batches stacked along a leading axis: ``local`` holds (K, this
     process's rows, ...) of each, the result (K, ``global_size``, ...) sharded as :func:`chunk_sharded`."""
-    sharding = chunk_sharded(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, v, (np.shape(v)[0], int(global_size), *np.shape(v)[2:]))
-        for k, v in local.items()
-    }
+    return _from_process_rows(local, chunk_sharded(mesh), 1, global_size)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """A whole global batch held on this host -> global arrays split along the batch axis; each
     process transfers only its own rows. (The training loop does not build whole batches: it loads
-    only this process's rows and calls :func:`global_batch`.)"""
+    only this process's rows, ``ekd_jax.feed``, and calls :func:`global_chunk`.)"""
     n = len(next(iter(batch.values())))
     rows = process_rows(mesh, n)
     if len(rows) == n:  # every row is this process's (single process): no copy

@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ekd_jax import checkpoint, data, distributed, evaluation, interrupt, outputs, parallel, rundir, step
@@ -144,8 +145,6 @@ def warm_up(run: Run, state, start: "Start", steps: step.Steps, feed: Feed) -> N
     of the state that is then dropped: a compiled program's first call pays one-time costs (on XLA:CPU 50 ms
     of the tiny config's first 0.14 s epoch), which would otherwise make the first epoch's images/s unlike
     the others'. The run's own state and results are untouched."""
-    import jax.numpy as jnp
-
     firsts = [run.head.steps] + ([0] if start.epoch * run.steps_per_epoch < run.head.steps else [])
     for first in firsts:
         copy = jax.tree_util.tree_map(jnp.copy, state)

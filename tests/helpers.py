@@ -59,11 +59,16 @@ def fake_batch(step_index, batch_size=8, image_shape=(8, 8, 3), num_classes=5):
     }
 
 
+def fake_chunk(steps, mesh, batch_size=8, image_shape=(8, 8, 3)):
+    """``fake_batch`` of each step index in ``steps``, stacked as one call's feed of the training program."""
+    batches = [fake_batch(i, batch_size, image_shape) for i in steps]
+    return parallel.global_chunk({k: np.stack([b[k] for b in batches]) for k in ("image", "label")}, mesh, batch_size)
+
+
 def run_steps(nets, tx, state, mesh, n, batch_size=8, image_shape=(8, 8, 3)):
     """n steps on ``fake_batch(0..n-1)`` in one call of the training program (as the trainer runs them, K = n);
     returns (state, one metrics dict per step)."""
-    batches = [fake_batch(i, batch_size, image_shape) for i in range(n)]
-    feed = parallel.global_chunk({k: np.stack([b[k] for b in batches]) for k in ("image", "label")}, mesh, batch_size)
+    feed = fake_chunk(range(n), mesh, batch_size, image_shape)
     state, m = step.compile_steps(nets, tx, mesh).train_chunk(state, feed, 0, n)
     m = jax.device_get(m)
     return state, [{k: v[i] for k, v in m.items()} for i in range(n)]

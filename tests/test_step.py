@@ -486,8 +486,7 @@ def test_precompile_compiles_every_program_before_the_first_step():
     nets, tx, state, mesh = helpers.build(helpers.tiny_config("ekd"), student_start=2)
     steps = step.compile_steps(nets, tx, mesh)
     assert set(steps.programs) == {"joint", "head", "eval"}
-    chunk = parallel.global_chunk({k: np.stack([helpers.fake_batch(i)[k] for i in range(2)]) for k in ("image", "label")},
-                                  mesh, 8)  # K = 2 steps per call
+    chunk = helpers.fake_chunk(range(2), mesh)  # K = 2 steps per call
     steps.precompile(state, chunk, {}, 8, (8, 8, 3))
     assert all(isinstance(p, jax.stages.Compiled) for p in steps.programs.values())
     # head (2 steps), then joint (1 step of a call): each runs its precompiled program (a shape mismatch would raise)
@@ -503,13 +502,11 @@ def test_k_steps_per_call_give_bitwise_the_steps_one_per_call():
     config = helpers.tiny_config("ekd", **{"optimizer.learning_rate": 0.01})
     nets, tx, state, mesh = helpers.build(config)
     steps = step.compile_steps(nets, tx, mesh)
-    batches = [helpers.fake_batch(i) for i in range(3)]
-    chunk = lambda bs: parallel.global_chunk({k: np.stack([b[k] for b in bs]) for k in ("image", "label")}, mesh, 8)  # noqa: E731
     runs = {}
     for name, calls in {"3": [(0, 3)], "2+1": [(0, 2), (2, 3)], "1+1+1": [(0, 1), (1, 2), (2, 3)]}.items():
         s, ms = jax.tree_util.tree_map(jnp.copy, state), []
         for a, b in calls:
-            s, m = steps.train_chunk(s, chunk(batches[a:b]), a, b - a)
+            s, m = steps.train_chunk(s, helpers.fake_chunk(range(a, b), mesh), a, b - a)
             m = jax.device_get(m)
             ms += [{k: v[i] for k, v in m.items()} for i in range(b - a)]
         runs[name] = (jax.device_get(s), ms)
